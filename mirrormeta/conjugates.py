@@ -1,0 +1,275 @@
+"""Conjugate distance-generating functions h*(z; θ_h) (DESIGN.md §1).
+
+Each factory returns a :class:`ConjugateDGF` ``(init, apply, bounds)``:
+
+* ``init(key, params) -> theta_h`` builds θ_h for a model-parameter pytree;
+* ``apply(theta_h, z) -> scalar`` is h*(z; θ_h), convex in z, so φ = ∇h*(z) is a mirror map;
+* ``bounds(theta_h) -> {'mu': μ, 'lipschitz': L}``: μ I ⪯ ∇²h* ⪯ L I for every z, i.e. ∇h*
+  is μ-strongly monotone and L-Lipschitz (the constants of the paper's convergence analysis).
+
+A quadratic h*(z) = ½ zᵀPz gives the preconditioned step φ_{k+1} = φ_k − α P ∇ℓ(φ_k):
+
+==========  ===========================================  ==============
+factory     h*(z)                                        method
+==========  ===========================================  ==============
+euclidean   ½‖z‖²                                         MAML
+diagonal    ½ Σ p_i z_i², p = exp(raw) > 0                MetaSGD
+kronecker   ½ ⟨Z, Z ×₁ A₁ ⋯ ×ₙ Aₙ⟩ per tensor, Aₘ SPD      MetaCurvature
+icnn        Σ_i (μ+λ)/2 z_i² + ICNN(z_i), ICNN convex     MetaMiDA
+==========  ===========================================  ==============
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mirrormeta.errors import MirrormetaError
+
+PyTree = Any
+
+
+class ConjugateDGF(NamedTuple):
+  """A learnable conjugate DGF: ``init(key, params)``, ``apply(theta_h, z)``, ``bounds(theta_h)``."""
+  init: Callable[[jax.Array, PyTree], PyTree]
+  apply: Callable[[PyTree, PyTree], jax.Array]
+  bounds: Callable[[PyTree], dict]
+
+
+def by_path(tree: PyTree) -> dict[str, jax.Array]:
+  """{'Conv_0/kernel': leaf, ...}: per-tensor conjugate parameters are keyed by these paths
+  (plain dicts, so optimizers and checkpoints see ordinary pytrees)."""
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): x
+          for path, x in jax.tree.leaves_with_path(tree)}
+
+
+def _matched(per_tensor: dict, z: PyTree, name: str) -> list[tuple[Any, jax.Array]]:
+  """Pairs θ_h's per-tensor entries with z's leaves; clear error if built for another pytree."""
+  leaves = by_path(z)
+  if set(per_tensor) != set(leaves):
+    missing = sorted(set(leaves) - set(per_tensor))[:3]
+    extra = sorted(set(per_tensor) - set(leaves))[:3]
+    raise MirrormetaError(
+        f'{name} conjugate parameters were built for a different parameter pytree than z '
+        f'(z has {missing or "no"} extra tensors, theta_h has {extra or "no"} extra); '
+        'call conj.init(key, params) with the parameters of the model you adapt')
+  return [(per_tensor[k], x) for k, x in leaves.items()]
+
+
+# ---------------------------------------------------------------------------- euclidean
+
+
+def euclidean() -> ConjugateDGF:
+  """h*(z) = ½‖z‖², so φ = z and mirror descent is gradient descent: MAML."""
+  def apply(theta_h, z):
+    del theta_h
+    return 0.5 * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(z))
+
+  return ConjugateDGF(init=lambda key, params: {}, apply=apply,
+                      bounds=lambda theta_h: {'mu': jnp.float32(1.0), 'lipschitz': jnp.float32(1.0)})
+
+
+# ----------------------------------------------------------------------------- diagonal
+
+
+def diagonal(init_scale: float = 1.0) -> ConjugateDGF:
+  """h*(z) = ½ Σ_i p_i z_i² with p = init_scale·exp(raw) > 0: MetaSGD's per-coordinate rates.
+
+  φ = p ⊙ z, so a step moves φ by −α p ⊙ ∇ℓ. ``exp`` keeps p positive for any raw value and
+  is exactly ``init_scale`` at raw = 0 (unit scale reproduces MAML bit for bit).
+  """
+  if init_scale <= 0:
+    raise MirrormetaError(f'diagonal(init_scale) must be > 0, got {init_scale}')
+
+  def apply(theta_h, z):
+    return 0.5 * sum(jnp.sum(init_scale * jnp.exp(r) * jnp.square(x))
+                     for r, x in _matched(theta_h, z, 'diagonal'))
+
+  def bounds(theta_h):
+    p = [init_scale * jnp.exp(r) for r in theta_h.values()]
+    return {'mu': jnp.min(jnp.stack([jnp.min(x) for x in p])),
+            'lipschitz': jnp.max(jnp.stack([jnp.max(x) for x in p]))}
+
+  def init(key, params):
+    del key
+    return {k: jnp.zeros(np.shape(x), jnp.float32) for k, x in by_path(params).items()}
+
+  return ConjugateDGF(init, apply, bounds)
+
+
+# ---------------------------------------------------------------------------- kronecker
+
+
+def _spd(raw: jax.Array) -> jax.Array:
+  """A = L Lᵀ with L lower-triangular, diag(L) = exp(·): SPD for any raw, I at raw = 0."""
+  lower = jnp.tril(raw, -1) + jnp.diag(jnp.exp(jnp.diag(raw)))
+  return lower @ lower.T
+
+
+def _mode_product(x: jax.Array, a: jax.Array, mode: int) -> jax.Array:
+  """x ×_mode a: multiplies the mode-th axis of x by the matrix a."""
+  return jnp.moveaxis(jnp.tensordot(a, x, axes=(1, mode)), 0, mode)
+
+
+def kronecker(max_factor_dim: int = 512) -> ConjugateDGF:
+  """h*(Z) = ½ ⟨Z, Z ×₁ A₁ ×₂ ⋯ ×ₙ Aₙ⟩ per tensor, each Aₘ SPD: MetaCurvature.
+
+  ∇h*(Z) = Z ×₁ A₁ ⋯ ×ₙ Aₙ = (Aₙ ⊗ ⋯ ⊗ A₁) vec Z, an SPD Kronecker preconditioner per
+  layer with one factor per tensor mode. Modes longer than ``max_factor_dim`` keep the
+  identity (a factor there would cost d² parameters). Identity factors give MAML exactly.
+  """
+  # θ_h = {tensor path: {'mode index': raw factor}}; A = _spd(raw).
+  def apply(theta_h, z):
+    total = 0.0
+    for raws, x in _matched(theta_h, z, 'kronecker'):
+      px = x
+      for mode, raw in raws.items():
+        px = _mode_product(px, _spd(raw), int(mode))
+      total = total + 0.5 * jnp.sum(x * px)
+    return total
+
+  def bounds(theta_h):
+    # Eigenvalues of a Kronecker product are products of the factors' eigenvalues.
+    lo, hi = [jnp.float32(1.0)], [jnp.float32(1.0)]
+    for raws in theta_h.values():
+      if raws:
+        eig = [jnp.linalg.eigvalsh(_spd(r)) for r in raws.values()]
+        lo.append(jnp.prod(jnp.stack([jnp.min(e) for e in eig])))
+        hi.append(jnp.prod(jnp.stack([jnp.max(e) for e in eig])))
+    return {'mu': jnp.min(jnp.stack(lo)), 'lipschitz': jnp.max(jnp.stack(hi))}
+
+  def init(key, params):
+    del key
+    return {k: {str(m): jnp.zeros((d, d), jnp.float32)
+                for m, d in enumerate(np.shape(x)) if 1 < d <= max_factor_dim}
+            for k, x in by_path(params).items()}
+
+  return ConjugateDGF(init, apply, bounds)
+
+
+# --------------------------------------------------------------------------------- icnn
+
+
+GRANULARITIES = ('tensor', 'channel', 'coordinate')
+
+
+def icnn(width: int = 8, depth: int = 2, mu: float = 1e-2, hidden_bound: float = 1.0,
+         skip_bound: float = 8.0, out_bound: float = 1.0, out_init: float = 1e-3,
+         granularity: str = 'channel') -> ConjugateDGF:
+  """MetaMiDA's learned conjugate: a separable input-convex network (Theorem 1, Remark 1).
+
+  For every coordinate u of z (a scalar), with the parameters of its block b:
+
+      a_1     = σ(B_0 u + c_0)
+      a_{i+1} = σ(W_i a_i + B_i u + c_i),     i = 1..depth−1
+      h*_b(u) = (μ + λ)/2 u² + vᵀ a_depth(u) − u · (vᵀ a_depth)'(0)
+
+  σ = softplus (convex, non-decreasing, 0 ≤ σ'' ≤ ¼); W_i = M_W·sigmoid(Ŵ_i) ∈ [0, M_W] and
+  v = M_v·sigmoid(v̂) ∈ [0, M_v] are non-negative and bounded, so every a_i is convex in u;
+  the skips B_i = M_B·tanh(B̂_i) have any sign (bounded so L stays finite for any raw value);
+  λ = softplus(λ̂) ≥ 0 and μ > 0 fixed. Hence h*''(u) ≥ μ + λ ≥ μ (∇h* strongly monotone,
+  invertible) and h*''(u) ≤ μ + λ + vᵀH with H from the recursion in :func:`_curvature_bound`.
+
+  h*(z) = Σ_i h*_{b(i)}(z_i) is separable: its Hessian is diagonal, so these per-coordinate
+  bounds are the bounds of ∇h* on the whole parameter vector. ``granularity`` says which
+  coordinates share one block's parameters: 'tensor' (one network per parameter tensor),
+  'channel' (one per slice of the last axis, e.g. a conv output channel), 'coordinate'.
+  At init λ = 1 − μ and v is small, so ∇h* ≈ identity and MetaMiDA starts as MAML.
+
+  Args:
+    width: hidden units per layer.
+    depth: number of hidden layers (≥ 1).
+    mu: strong-convexity constant μ > 0.
+    hidden_bound, skip_bound, out_bound: M_W, M_B, M_v.
+    out_init: initial v (small: the start is ≈ MAML).
+    granularity: one of GRANULARITIES.
+  """
+  if granularity not in GRANULARITIES:
+    raise MirrormetaError(f'icnn granularity must be one of {GRANULARITIES}, got {granularity!r}')
+  if depth < 1 or width < 1:
+    raise MirrormetaError(f'icnn needs depth >= 1 and width >= 1, got depth={depth}, width={width}')
+  if not 0 < mu < 1:
+    raise MirrormetaError(f'icnn mu must be in (0, 1) (the init is ∇h* ≈ identity), got {mu}')
+  if not 0 < out_init < out_bound:
+    raise MirrormetaError(f'icnn out_init must be in (0, out_bound={out_bound}), got {out_init}')
+
+  def constrained(p):
+    return {
+        'skip': [skip_bound * jnp.tanh(b) for b in p['skip']],
+        'bias': p['bias'],
+        'hidden': [hidden_bound * jax.nn.sigmoid(w) for w in p['hidden']],
+        'out': out_bound * jax.nn.sigmoid(p['out']),
+        'quad': mu + jax.nn.softplus(p['quad']),
+    }
+
+  def network(q, u):
+    """vᵀ a_depth(u) for every coordinate of u (shape S; q's leaves broadcast against S)."""
+    u1 = u[..., None]
+    a = jax.nn.softplus(q['skip'][0] * u1 + q['bias'][0])
+    for w, b, c in zip(q['hidden'], q['skip'][1:], q['bias'][1:]):
+      a = jax.nn.softplus(jnp.matmul(w, a[..., None])[..., 0] + b * u1 + c)
+    return jnp.sum(q['out'] * a, axis=-1)
+
+  def block(p, u):
+    """Σ over the coordinates u of h*_b(u).
+
+    The affine term −u·ICNN'(0) (convexity and curvature unchanged) pins ∇h*(0) = 0, so the
+    map is ≈ identity at init rather than identity plus an offset.
+    """
+    q = constrained(p)
+    slope0 = jax.grad(lambda u0: jnp.sum(network(q, u0)))(jnp.zeros(jnp.shape(q['quad'])))
+    return jnp.sum(0.5 * q['quad'] * jnp.square(u) + network(q, u) - slope0 * u)
+
+  def apply(theta_h, z):
+    return sum(block(p, x) for p, x in _matched(theta_h, z, 'icnn'))
+
+  def bounds(theta_h):
+    mus, lips = [], []
+    for p in theta_h.values():
+      q = constrained(p)
+      mus.append(jnp.min(q['quad']))
+      lips.append(jnp.max(q['quad'] + _curvature_bound(q)))
+    return {'mu': jnp.min(jnp.stack(mus)), 'lipschitz': jnp.max(jnp.stack(lips))}
+
+  def init(key, params):
+    leaves = by_path(params)
+    keys = jax.random.split(key, len(leaves))
+    return {name: _init_block(k, x) for k, (name, x) in zip(keys, leaves.items())}
+
+  def _init_block(key, x):
+    shape = np.shape(x)
+    group = {'tensor': (), 'channel': shape[-1:], 'coordinate': shape}[granularity]
+    k_skip, k_bias, k_hidden = jax.random.split(key, 3)
+    full = lambda *s: jnp.zeros(group + s, jnp.float32)
+    logit = lambda p: float(np.log(p) - np.log1p(-p))
+    return dict(
+        skip=[full(width) + 0.5 * jax.random.normal(k, (width,))
+              for k in jax.random.split(k_skip, depth)],
+        # Kinks spread over [-2, 2] so the network bends at different places.
+        bias=[full(width) + jnp.linspace(-2.0, 2.0, width) + 0.1 * jax.random.normal(k, (width,))
+              for k in jax.random.split(k_bias, depth)],
+        hidden=[full(width, width) + logit(0.5 / width) + 0.1 * jax.random.normal(k, (width, width))
+                for k in jax.random.split(k_hidden, depth - 1)],
+        out=full(width) + logit(out_init / out_bound),
+        quad=full() + float(np.log(np.expm1(1.0 - mu))),  # softplus⁻¹(1 − μ)
+    )
+
+  return ConjugateDGF(init, apply, bounds)
+
+
+def _curvature_bound(q: dict) -> jax.Array:
+  """Upper bound of vᵀ a_depth''(u) over all u, per block.
+
+  With s_i the pre-activations, G_i ≥ |a_i'| and H_i ≥ a_i'' ≥ 0 elementwise:
+    G_1 = |B_0|,               H_1 = B_0²/4
+    G_{i+1} = W_i G_i + |B_i|, H_{i+1} = G_{i+1}²/4 + W_i H_i
+  since a_{i+1}'' = σ''(s)(s')² + σ'(s) W_i a_i'' with 0 ≤ σ' ≤ 1, 0 ≤ σ'' ≤ ¼, W_i ≥ 0.
+  """
+  g = jnp.abs(q['skip'][0])
+  h = jnp.square(g) / 4
+  for w, b in zip(q['hidden'], q['skip'][1:]):
+    g = jnp.matmul(w, g[..., None])[..., 0] + jnp.abs(b)
+    h = jnp.square(g) / 4 + jnp.matmul(w, h[..., None])[..., 0]
+  return jnp.sum(q['out'] * h, axis=-1)

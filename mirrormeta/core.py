@@ -1,0 +1,213 @@
+"""Learnable mirror descent: the inner loop of MetaMiDA (DESIGN.md §1).
+
+With a conjugate distance-generating function h*(z; θ_h), convex and smooth in z:
+
+    z_0     = θ_z
+    φ_k     = ∇_z h*(z_k; θ_h)                 # primal_map
+    z_{k+1} = z_k − α ∇_φ ℓ_trn(φ_k)           # mirror_step
+    φ_K     = adapt(...)                        # K steps
+
+A conjugate is any function ``h_star(theta_h, z) -> scalar`` over a parameter pytree ``z``;
+``h*(z) = ½‖z‖²`` gives φ = z and the loop is exactly MAML's.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mirrormeta.errors import MirrormetaError
+
+PyTree = Any
+Conjugate = Callable[[PyTree, PyTree], jax.Array]  # (theta_h, z) -> scalar
+LossFn = Callable[[PyTree, PyTree], Any]  # (params, batch) -> loss or (loss, aux)
+
+
+def _check_scalar_conjugate(h_star: Conjugate, theta_h: PyTree, z: PyTree) -> None:
+  """Raises a clear error unless h*(θ_h, z) is a real scalar (trace-time only)."""
+  try:
+    out = jax.eval_shape(h_star, theta_h, z)
+  except MirrormetaError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise MirrormetaError(
+        f'the conjugate h*(theta_h, z) failed on these inputs ({type(e).__name__}: '
+        f'{str(e).splitlines()[0]}); check that theta_h was made by conj.init(key, params) '
+        'for the same parameter pytree as z') from None
+  if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()
+          and jnp.issubdtype(out.dtype, jnp.floating)):
+    raise MirrormetaError(
+        f'the conjugate h*(theta_h, z) must return a real scalar, got {out}; '
+        'sum your per-coordinate terms, e.g. `return jnp.sum(...)`')
+
+
+def _check_same_structure(a: PyTree, b: PyTree, what_a: str, what_b: str) -> None:
+  sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+  if sa != sb:
+    raise MirrormetaError(f'{what_a} and {what_b} are different pytrees:\n  {sa}\nvs\n  {sb}')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if jnp.shape(x) != jnp.shape(y):
+      raise MirrormetaError(
+          f'{what_a} and {what_b} have leaves of different shapes: {jnp.shape(x)} vs {jnp.shape(y)}')
+
+
+def _check_lr(lr: Any) -> None:
+  """Checks a concrete learning rate; traced (e.g. learned) rates are their owner's to check."""
+  for leaf in jax.tree.leaves(lr):
+    try:
+      positive = bool(np.all(np.asarray(leaf) > 0))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      continue
+    if not positive:
+      raise MirrormetaError(f'the inner learning rate must be > 0, got {leaf}')
+
+
+def primal_map(h_star: Conjugate, theta_h: PyTree, z: PyTree) -> PyTree:
+  """φ = ∇_z h*(z; θ_h): maps dual variables to model parameters.
+
+  Args:
+    h_star: the conjugate DGF, ``(theta_h, z) -> scalar``, convex in ``z``.
+    theta_h: its parameters.
+    z: dual variables, a pytree shaped like the model parameters.
+
+  Returns:
+    φ, a pytree with the structure of ``z``.
+  """
+  _check_scalar_conjugate(h_star, theta_h, z)
+  return jax.grad(h_star, argnums=1)(theta_h, z)
+
+
+def mirror_step(h_star: Conjugate, theta_h: PyTree, z: PyTree, grads: PyTree, lr: Any) -> PyTree:
+  """One mirror-descent step in dual space: z_{k+1} = z_k − α ∇_φ ℓ(φ_k).
+
+  The step is linear in dual space; the geometry enters through φ = ∇h*(z). ``h_star`` and
+  ``theta_h`` are part of the signature so that any step of this shape can stand in for it
+  (e.g. one that also returns φ_{k+1}); they are checked, not used by the update itself.
+
+  Args:
+    h_star: the conjugate, ``(theta_h, z) -> scalar``.
+    theta_h: its parameters.
+    z: current dual variables.
+    grads: ∇_φ ℓ(φ_k), the loss gradient w.r.t. the primal parameters, shaped like ``z``.
+    lr: the step size α > 0, a scalar or a pytree of scalars/arrays shaped like ``z``.
+
+  Returns:
+    z_{k+1}, shaped like ``z``.
+  """
+  _check_scalar_conjugate(h_star, theta_h, z)
+  _check_same_structure(z, grads, 'the dual variables z', 'the gradients')
+  _check_lr(lr)
+  if jax.tree.structure(lr) == jax.tree.structure(z):
+    return jax.tree.map(lambda zi, gi, ai: zi - ai * gi, z, grads, lr)
+  return jax.tree.map(lambda zi, gi: zi - lr * gi, z, grads)
+
+
+def as_loss_with_aux(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Callable:
+  """Wraps ``loss_fn`` to always return ``(loss, aux)``; checks the loss is a scalar."""
+  try:
+    out = jax.eval_shape(loss_fn, params, batch)
+  except MirrormetaError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise MirrormetaError(
+        f'loss_fn(params, batch) failed on these inputs ({type(e).__name__}: '
+        f'{str(e).splitlines()[0]}); check the batch shapes and the parameter pytree') from None
+  has_aux = isinstance(out, tuple) and len(out) == 2
+  loss_shape = out[0] if has_aux else out
+  if getattr(loss_shape, 'shape', None) != ():
+    raise MirrormetaError(
+        f'loss_fn(params, batch) must return a scalar loss or (loss, aux), got {out}')
+  if has_aux:
+    return loss_fn
+  return lambda p, b: (loss_fn(p, b), {})
+
+
+def tree_norm(tree: PyTree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+class AdaptInfo(NamedTuple):
+  """What happened during K inner steps (arrays with a leading axis of K+1 or K).
+
+  Attributes:
+    loss: [K+1] training loss at φ_0..φ_K.
+    aux: the loss's aux (e.g. ``{'accuracy': [K+1]}``) at φ_0..φ_K.
+    eval_loss: [K+1] loss on ``eval_batch`` at φ_0..φ_K (None without one).
+    eval_aux: its aux (None without ``eval_batch``).
+    grad_norm: [K] ‖∇_φ ℓ_trn(φ_k)‖, the primal gradient norm of each step.
+    primal_step_norm: [K] ‖φ_{k+1} − φ_k‖, how far each mirror step moved the model.
+  """
+  loss: jax.Array
+  aux: PyTree
+  eval_loss: jax.Array | None
+  eval_aux: PyTree
+  grad_norm: jax.Array
+  primal_step_norm: jax.Array
+
+
+def adapt(h_star: Conjugate, theta_h: PyTree, z0: PyTree, loss_fn: LossFn, batch: PyTree,
+          steps: int, lr: Any, *, first_order: bool = False, unroll: int | bool = 1,
+          remat: bool = False, eval_batch: PyTree | None = None) -> tuple[PyTree, AdaptInfo]:
+  """K mirror-descent steps from z_0 on ``loss_fn(·, batch)``; returns φ_K = ∇h*(z_K).
+
+  The steps run as ``lax.scan`` so the program stays the same size for any K; ``unroll``
+  trades compile time for speed (full unrolling lets XLA fuse across steps, see
+  ``mirrormeta.meta.Strategy``) and ``remat`` recomputes each step in the backward pass,
+  so memory grows with K by one dual iterate instead of all activations.
+
+  Args:
+    h_star: the conjugate, ``(theta_h, z) -> scalar``.
+    theta_h: its parameters.
+    z0: the dual initialisation θ_z, a pytree shaped like the model parameters.
+    loss_fn: ``(params, batch) -> loss`` or ``(loss, aux)``, a scalar training loss ℓ_trn.
+    batch: the task's support set, any pytree ``loss_fn`` accepts.
+    steps: K ≥ 0.
+    lr: α > 0, scalar or pytree shaped like ``z0`` (e.g. learned per-layer rates).
+    first_order: stop gradients through ∇ℓ_trn (no second derivatives of the loss).
+    unroll: ``lax.scan`` unroll factor (True: fully unrolled).
+    remat: wrap each step in ``jax.checkpoint``.
+    eval_batch: optional query set; its loss/aux are recorded at every step 0..K.
+
+  Returns:
+    (φ_K, AdaptInfo).
+  """
+  if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+    raise MirrormetaError(f'steps must be an integer >= 0, got {steps!r}')
+  _check_lr(lr)
+  phi0 = primal_map(h_star, theta_h, z0)
+  loss_aux = as_loss_with_aux(loss_fn, phi0, batch)
+  eval_fn = None if eval_batch is None else as_loss_with_aux(loss_fn, phi0, eval_batch)
+
+  def evaluate(phi):
+    loss, aux = loss_aux(phi, batch)
+    ev = (None, None) if eval_fn is None else eval_fn(phi, eval_batch)
+    return loss, aux, ev
+
+  def step(carry, _):
+    z, phi = carry
+    (loss, aux), g = jax.value_and_grad(loss_aux, has_aux=True)(phi, batch)
+    if first_order:
+      g = jax.lax.stop_gradient(g)
+    ev = (None, None) if eval_fn is None else eval_fn(phi, eval_batch)
+    z = mirror_step(h_star, theta_h, z, g, lr)
+    phi_next = primal_map(h_star, theta_h, z)
+    step_norm = tree_norm(jax.tree.map(jnp.subtract, phi_next, phi))
+    return (z, phi_next), (loss, aux, ev, tree_norm(g), step_norm)
+
+  if remat:
+    step = jax.checkpoint(step)
+  (_, phi_K), (losses, auxs, evs, gnorms, snorms) = jax.lax.scan(
+      step, (z0, phi0), None, length=steps, unroll=unroll)
+
+  # The loss after the last step: the K+1-th point of the adaptation curve.
+  loss_K, aux_K, ev_K = evaluate(phi_K)
+  append = lambda xs, x: jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), xs, x)
+  info = AdaptInfo(
+      loss=append(losses, loss_K), aux=append(auxs, aux_K),
+      eval_loss=None if eval_fn is None else append(evs[0], ev_K[0]),
+      eval_aux=None if eval_fn is None else append(evs[1], ev_K[1]),
+      grad_norm=gnorms, primal_step_norm=snorms)
+  return phi_K, info

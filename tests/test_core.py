@@ -1,0 +1,314 @@
+"""The math of DESIGN.md §1 against closed forms: MAML, preconditioned GD, EG, ICNN bounds."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import mirrormeta as mm
+from mirrormeta import conjugates, models
+
+MLP = models.functional(models.MLP(hidden=(8, 8)), jnp.zeros((4, 1)))
+MLP_LOSS = models.regression_loss(MLP.apply)
+
+
+def rel_err(a, b):
+  a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+  num = np.sqrt(sum(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)
+                    for x, y in zip(a, b)))
+  return num / np.sqrt(sum(np.sum(np.asarray(y, np.float64) ** 2) for y in b))
+
+
+def sinusoid_tasks(key, tasks=3, shot=5, query=7):
+  ka, kp, kx = jax.random.split(key, 3)
+  amp = jax.random.uniform(ka, (tasks, 1, 1), minval=0.1, maxval=5.0)
+  phase = jax.random.uniform(kp, (tasks, 1, 1), maxval=jnp.pi)
+  x = jax.random.uniform(kx, (tasks, shot + query, 1), minval=-5.0, maxval=5.0)
+  y = amp * jnp.sin(x - phase)
+  return (x[:, :shot], y[:, :shot]), (x[:, shot:], y[:, shot:])
+
+
+def maml_meta_loss(params, support, query, loss_fn, steps, lr, first_order):
+  """MAML written by hand: Python loops over tasks and steps, no mirrormeta."""
+  losses = []
+  for i in range(jax.tree.leaves(support)[0].shape[0]):
+    s = jax.tree.map(lambda x: x[i], support)
+    q = jax.tree.map(lambda x: x[i], query)
+    p = params
+    for _ in range(steps):
+      g = jax.grad(lambda p_: loss_fn(p_, s)[0])(p)
+      if first_order:
+        g = jax.lax.stop_gradient(g)
+      p = jax.tree.map(lambda a, b: a - lr * b, p, g)
+    losses.append(loss_fn(p, q)[0])
+  return jnp.mean(jnp.stack(losses))
+
+
+def mm_meta_grad(conj, theta, support, query, loss_fn, steps, lr, first_order, strategy):
+  f = functools.partial(mm.meta_loss, h_star=conj.apply, loss_fn=loss_fn, steps=steps, lr=lr,
+                        first_order=first_order, strategy=strategy)
+  return jax.grad(lambda t: f(t, support, query)[0])(theta)
+
+
+# --------------------------------------------------------------------- MAML on Omniglot
+
+
+@pytest.fixture(scope='module')
+def omniglot_tasks(omniglot_dir):
+  """Two real 5-way 1-shot 3-query Omniglot tasks, 28x28, ink = 1 (read from the npz)."""
+  arrays = np.load(omniglot_dir / 'images_background.npz')
+  images = arrays['images']  # bool [C, 20, 105, 105], True = background
+  rng = np.random.default_rng(0)
+  support, query = [], []
+  for _ in range(2):
+    classes = rng.choice(images.shape[0], 5, replace=False)
+    drawn = np.stack([images[c, rng.choice(20, 4, replace=False)] for c in classes])
+    x = jax.image.resize(jnp.asarray(~drawn, jnp.float32), (5, 4, 28, 28), 'linear')[..., None]
+    support.append(x[:, :1].reshape(5, 28, 28, 1))
+    query.append(x[:, 1:].reshape(15, 28, 28, 1))
+  sy = jnp.tile(jnp.arange(5), (2, 1))
+  qy = jnp.tile(jnp.repeat(jnp.arange(5), 3), (2, 1))
+  return (jnp.stack(support), sy), (jnp.stack(query), qy)
+
+
+@pytest.mark.parametrize('first_order', [False, True])
+def test_euclidean_is_maml_on_conv4_omniglot(omniglot_tasks, first_order):
+  support, query = omniglot_tasks
+  conv4 = models.functional(models.Conv4(5, filters=16), jnp.zeros((2, 28, 28, 1)))
+  loss_fn = models.classification_loss(conv4.apply)
+  params = conv4.init(jax.random.key(0))
+  conj = conjugates.euclidean()
+  theta = mm.init_meta_params(conj, params, jax.random.key(1))
+  ours = jax.jit(lambda t: mm_meta_grad(conj, t, support, query, loss_fn, 2, 0.4, first_order,
+                                        mm.Strategy('loop', True)))(theta)
+  reference = jax.jit(jax.grad(lambda p: maml_meta_loss(p, support, query, loss_fn, 2, 0.4,
+                                                        first_order)))(params)
+  assert rel_err(ours.z, reference) <= 1e-6
+  assert 0.0 < float(optax.tree.norm(reference))
+
+
+# ---------------------------------------------------------- other quadratic conjugates
+
+
+@pytest.mark.parametrize('conj', [conjugates.diagonal(), conjugates.kronecker()],
+                         ids=['diagonal', 'kronecker'])
+@pytest.mark.parametrize('strategy', [mm.Strategy('vmap', 1), mm.Strategy('loop', True, True)],
+                         ids=['vmap-scan', 'loop-unrolled-remat'])
+def test_unit_quadratics_are_maml(conj, strategy):
+  support, query = sinusoid_tasks(jax.random.key(0))
+  params = MLP.init(jax.random.key(1))
+  theta = mm.init_meta_params(conj, params, jax.random.key(2))
+  ours = mm_meta_grad(conj, theta, support, query, MLP_LOSS, 3, 0.01, False, strategy)
+  reference = jax.grad(lambda p: maml_meta_loss(p, support, query, MLP_LOSS, 3, 0.01, False))(params)
+  assert rel_err(ours.z, reference) <= 1e-6
+  # At identity the gradient w.r.t. the preconditioner is not zero: it is learned.
+  assert float(optax.tree.norm(ours.h)) > 0
+
+
+def test_fixed_spd_quadratic_gives_preconditioned_step():
+  d = 6
+  a = jax.random.normal(jax.random.key(0), (d, d))
+  P = a @ a.T / d + 0.5 * jnp.eye(d)
+  h_star = lambda theta_h, z: 0.5 * z @ theta_h @ z
+  A = jax.random.normal(jax.random.key(1), (10, d))
+  b = jax.random.normal(jax.random.key(2), (10,))
+  loss_fn = lambda w, batch: 0.5 * jnp.mean((batch[0] @ w - batch[1]) ** 2)
+  z0 = jax.random.normal(jax.random.key(3), (d,))
+  phi_K, info = mm.adapt(h_star, P, z0, loss_fn, (A, b), steps=3, lr=0.1)
+  phi = P @ z0
+  for _ in range(3):
+    phi = phi - 0.1 * P @ jax.grad(loss_fn)(phi, (A, b))
+  np.testing.assert_allclose(phi_K, phi, rtol=1e-5, atol=1e-6)
+  assert info.loss.shape == (4,) and info.grad_norm.shape == (3,)
+
+
+def test_kronecker_is_the_kronecker_preconditioner():
+  params = {'w': jnp.zeros((3, 4))}
+  conj = conjugates.kronecker()
+  theta_h = conj.init(None, params)
+  theta_h = jax.tree.map(lambda r: 0.3 * jax.random.normal(jax.random.key(r.size), r.shape), theta_h)
+  z = {'w': jax.random.normal(jax.random.key(9), (3, 4))}
+  phi = mm.primal_map(conj.apply, theta_h, z)
+  A0, A1 = conjugates._spd(theta_h['w']['0']), conjugates._spd(theta_h['w']['1'])
+  # Row-major vec: vec(A0 Z A1ᵀ) = (A0 ⊗ A1) vec Z.
+  np.testing.assert_allclose(phi['w'].ravel(), jnp.kron(A0, A1) @ z['w'].ravel(), rtol=1e-5)
+  eig = np.linalg.eigvalsh(np.kron(A0, A1))
+  b = conj.bounds(theta_h)
+  np.testing.assert_allclose([b['mu'], b['lipschitz']], [eig.min(), eig.max()], rtol=1e-4)
+
+
+def test_logsumexp_conjugate_is_exponentiated_gradient():
+  h_star = lambda theta_h, z: jax.nn.logsumexp(z)
+  c = jnp.array([0.3, -1.0, 2.0, 0.5, 0.0])
+  loss_fn = lambda x, batch: jnp.dot(batch, x) + 0.5 * jnp.sum(x ** 2)
+  x0 = jnp.array([0.1, 0.2, 0.3, 0.15, 0.25])
+  phi_K, _ = mm.adapt(h_star, None, jnp.log(x0), loss_fn, c, steps=4, lr=0.5)
+  x = x0
+  for _ in range(4):  # EG: x ← x ⊙ exp(−α ∇ℓ(x)) / normaliser
+    x = x * jnp.exp(-0.5 * jax.grad(loss_fn)(x, c))
+    x = x / x.sum()
+  np.testing.assert_allclose(phi_K, x, rtol=1e-5)
+  np.testing.assert_allclose(phi_K.sum(), 1.0, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------- ICNN
+
+
+ICNN_CASES = [('tensor', 8, 2), ('channel', 4, 3), ('coordinate', 3, 1)]
+PARAMS = {'a': {'kernel': jnp.zeros((2, 3))}, 'b': jnp.zeros((3,))}
+
+
+def random_raw(theta_h, seed, scale):
+  leaves, treedef = jax.tree.flatten(theta_h)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape)
+                                      for k, x in zip(keys, leaves)])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), log_scale=st.floats(-3, 6), case=st.sampled_from(ICNN_CASES))
+def test_icnn_valid_for_any_raw_parameters(seed, log_scale, case):
+  """Convex, μ-strongly monotone and L-Lipschitz ∇h*, for raw values up to 1e6 in size."""
+  granularity, width, depth = case
+  conj = conjugates.icnn(width=width, depth=depth, granularity=granularity, mu=0.05)
+  with jax.enable_x64(True):
+    theta_h = random_raw(conj.init(jax.random.key(0), PARAMS), seed, 10.0 ** log_scale)
+    theta_h = jax.tree.map(lambda x: x.astype(jnp.float64), theta_h)
+    b = conj.bounds(theta_h)
+    mu, lip = float(b['mu']), float(b['lipschitz'])
+    assert np.isfinite(lip) and 0.05 <= mu <= lip
+    flat = lambda v: {'a': {'kernel': v[:6].reshape(2, 3)}, 'b': v[6:]}
+    h = lambda v: conj.apply(theta_h, flat(v))
+    grad = jax.grad(h)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+      x, y = (jnp.asarray(rng.normal(size=9) * rng.choice([0.01, 1, 10])) for _ in range(2))
+      assert h((x + y) / 2) <= (h(x) + h(y)) / 2 + 1e-9 * (1 + abs(h(x)) + abs(h(y)))
+      dg, dx = grad(x) - grad(y), x - y
+      assert dg @ dx >= mu * (dx @ dx) * (1 - 1e-9)
+      assert np.linalg.norm(dg) <= lip * np.linalg.norm(dx) * (1 + 1e-9)
+      eig = np.linalg.eigvalsh(jax.hessian(h)(x))
+      assert eig.min() >= mu * (1 - 1e-9) and eig.max() <= lip * (1 + 1e-9)
+
+
+@pytest.mark.parametrize('granularity', conjugates.GRANULARITIES)
+def test_icnn_starts_near_identity(granularity):
+  params = MLP.init(jax.random.key(0))
+  conj = conjugates.icnn(granularity=granularity)
+  theta_h = conj.init(jax.random.key(1), params)
+  z = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape) * 0.3, params)
+  phi = mm.primal_map(conj.apply, theta_h, z)
+  assert rel_err(phi, z) < 0.02
+  b = conj.bounds(theta_h)
+  assert 0.9 < float(b['mu']) <= 1.0 <= float(b['lipschitz']) < 1.1
+
+
+# ----------------------------------------------------------------- finite differences
+
+
+@pytest.mark.parametrize('conj', [conjugates.euclidean(), conjugates.diagonal(),
+                                  conjugates.kronecker(), conjugates.icnn(width=4)],
+                         ids=['euclidean', 'diagonal', 'kronecker', 'icnn'])
+def test_meta_gradient_matches_finite_differences(conj):
+  with jax.enable_x64(True):
+    support, query = jax.tree.map(lambda x: x.astype(jnp.float64),
+                                  sinusoid_tasks(jax.random.key(0), tasks=2))
+    f64 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float64), t)
+    theta = f64(mm.init_meta_params(conj, MLP.init(jax.random.key(1)), jax.random.key(2)))
+    theta = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(x.size), x.shape), theta)
+    loss = lambda t: mm.meta_loss(t, support, query, h_star=conj.apply, loss_fn=MLP_LOSS,
+                                  steps=2, lr=0.02)[0]
+    grad = jax.grad(loss)(theta)
+    direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(7 + x.size), x.shape), theta)
+    eps = 1e-6  # central differences are O(eps²); the exp(·) in the factors has large 3rd derivatives
+    shifted = lambda s: loss(jax.tree.map(lambda t, d: t + s * eps * d, theta, direction))
+    fd = (shifted(1) - shifted(-1)) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(analytic, fd, rtol=1e-5)
+
+
+def test_first_order_matches_finite_differences_of_its_surrogate():
+  """FO-MAML's meta-gradient is ∇ℓ_val(φ_K) chained through z_K = θ_z − α Σ sg(g_k)."""
+  with jax.enable_x64(True):
+    support, query = jax.tree.map(lambda x: x.astype(jnp.float64),
+                                  sinusoid_tasks(jax.random.key(0), tasks=1))
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), MLP.init(jax.random.key(1)))
+    conj = conjugates.euclidean()
+    theta = mm.init_meta_params(conj, params, None)
+    grad = jax.grad(lambda t: mm.meta_loss(t, support, query, h_star=conj.apply, loss_fn=MLP_LOSS,
+                                           steps=2, lr=0.02, first_order=True)[0])(theta)
+    s = jax.tree.map(lambda x: x[0], support)
+    q = jax.tree.map(lambda x: x[0], query)
+    p = params
+    for _ in range(2):
+      p = jax.tree.map(lambda a, g: a - 0.02 * g, p, jax.grad(lambda p_: MLP_LOSS(p_, s)[0])(p))
+    expected = jax.grad(lambda p_: MLP_LOSS(p_, q)[0])(p)
+    assert rel_err(grad.z, expected) < 1e-12
+
+
+# --------------------------------------------------------------- the jitted meta-step
+
+
+def test_meta_step_finite_and_compiles_once():
+  traces = []
+  conj = conjugates.icnn(width=4)
+  theta = mm.init_meta_params(conj, MLP.init(jax.random.key(0)), jax.random.key(1))
+  loss_fn = lambda p, b: (traces.append(1), MLP_LOSS(p, b))[1]
+  meta = mm.make_meta_step(conj.apply, loss_fn, optax.adam(1e-3), steps=2, lr=0.01,
+                           strategy=mm.Strategy('vmap', 1))
+  step = jax.jit(meta.step)
+  state = meta.init(theta)
+  for seed in range(3):
+    support, query = sinusoid_tasks(jax.random.key(seed))
+    state, metrics = step(state, support, query)
+    n = len(traces) if seed == 0 else n
+  assert len(traces) == n, 'the second and third calls retraced'
+  assert int(state.step) == 3
+  for k, v in metrics.items():
+    assert np.all(np.isfinite(np.asarray(v))), k
+  assert metrics['support_loss'].shape == (3,) and metrics['grad_norm'].shape == (2,)
+
+
+def test_adapt_info_tracks_accuracy_per_step():
+  conv = models.functional(models.Conv4(3, filters=4), jnp.zeros((2, 16, 16, 1)))
+  loss_fn = models.classification_loss(conv.apply)
+  x = jax.random.uniform(jax.random.key(0), (6, 16, 16, 1))
+  y = jnp.array([0, 0, 1, 1, 2, 2])
+  params = conv.init(jax.random.key(1))
+  conj = conjugates.euclidean()
+  phi, info = mm.adapt(conj.apply, {}, params, loss_fn, (x, y), steps=5, lr=0.5,
+                       eval_batch=(x, y))
+  assert info.aux['accuracy'].shape == (6,) and info.eval_aux['accuracy'].shape == (6,)
+  assert info.loss[-1] < info.loss[0]  # five steps on a 6-image batch fit it
+  np.testing.assert_allclose(info.loss, info.eval_loss, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_one_clear_error():
+  params = MLP.init(jax.random.key(0))
+  batch = tuple(x[0] for x in sinusoid_tasks(jax.random.key(1))[0])
+  euclid = conjugates.euclidean().apply
+  with pytest.raises(mm.MirrormetaError, match='must return a real scalar'):
+    mm.primal_map(lambda th, z: jax.tree.leaves(z)[0], None, params)
+  with pytest.raises(mm.MirrormetaError, match='steps must be an integer >= 0'):
+    mm.adapt(euclid, {}, params, MLP_LOSS, batch, steps=-1, lr=0.1)
+  with pytest.raises(mm.MirrormetaError, match='learning rate must be > 0'):
+    mm.adapt(euclid, {}, params, MLP_LOSS, batch, steps=1, lr=0.0)
+  with pytest.raises(mm.MirrormetaError, match='learning rate must be > 0'):
+    mm.make_meta_step(euclid, MLP_LOSS, optax.sgd(0.1), steps=1, lr=-1.0)
+  with pytest.raises(mm.MirrormetaError, match='different pytrees'):
+    mm.mirror_step(euclid, {}, params, {'x': jnp.zeros(3)}, 0.1)
+  other = {'Dense_0': params['Dense_0']}
+  for conj in [conjugates.diagonal(), conjugates.kronecker(), conjugates.icnn()]:
+    theta_h = conj.init(jax.random.key(0), other)
+    with pytest.raises(mm.MirrormetaError, match='built for a different parameter pytree'):
+      mm.adapt(conj.apply, theta_h, params, MLP_LOSS, batch, steps=1, lr=0.1)
+  with pytest.raises(mm.MirrormetaError, match='scalar loss'):
+    mm.adapt(euclid, {}, params, lambda p, b: MLP.apply(p, b[0]), batch, steps=1, lr=0.1)
+  with pytest.raises(mm.MirrormetaError, match='granularity'):
+    conjugates.icnn(granularity='layer')
