@@ -219,7 +219,8 @@ def icnn(width: int = 8, depth: int = 2, mu: float = 1e-2, hidden_bound: float =
     map is ≈ identity at init rather than identity plus an offset.
     """
     q = constrained(p)
-    slope0 = jax.grad(lambda u0: jnp.sum(network(q, u0)))(jnp.zeros(jnp.shape(q['quad'])))
+    zeros = jnp.zeros(jnp.shape(q['quad']))  # one u per block: the network is per coordinate
+    slope0 = jax.jvp(lambda u0: network(q, u0), (zeros,), (jnp.ones_like(zeros),))[1]
     return jnp.sum(0.5 * q['quad'] * jnp.square(u) + network(q, u) - slope0 * u)
 
   def apply(theta_h, z):

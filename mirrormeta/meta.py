@@ -119,15 +119,20 @@ def meta_loss(theta: MetaParams, support: PyTree, query: PyTree, *, h_star: core
 
 
 class MetaStep(NamedTuple):
-  """``init(theta) -> TrainState`` and ``step(state, support, query) -> (state, metrics)``."""
+  """``init(theta) -> TrainState`` and ``step(state, support, query) -> (state, metrics)``.
+
+  ``axis_name`` is the device axis the step averages over (None: no collective), so that
+  :func:`mirrormeta.parallel.shard_step` can check the step fits its mesh.
+  """
   init: Callable[[MetaParams], TrainState]
   step: Callable[[TrainState, PyTree, PyTree], tuple[TrainState, dict]]
+  axis_name: str | None = None
 
 
 def make_meta_step(h_star: core.Conjugate, loss_fn: core.LossFn,
                    optimizer: optax.GradientTransformation, *, steps: int, lr: Any,
                    first_order: bool = False, strategy: Strategy | None = None,
-                   grad_reduce: Callable[[PyTree], PyTree] | None = None) -> MetaStep:
+                   axis_name: str | None = None) -> MetaStep:
   """Builds a pure, jittable meta-training step.
 
   Args:
@@ -136,8 +141,8 @@ def make_meta_step(h_star: core.Conjugate, loss_fn: core.LossFn,
     optimizer: an optax transformation over MetaParams.
     steps, lr, first_order: the inner loop, as in :func:`mirrormeta.core.adapt`.
     strategy: execution strategy (default: :func:`default_strategy` of the current backend).
-    grad_reduce: applied to (loss, grads, metrics) means before the update, e.g. a
-      ``jax.lax.pmean`` over a device axis inside ``shard_map``.
+    axis_name: a device axis (inside ``shard_map``) whose shards hold different tasks: loss,
+      gradients and metrics are averaged over it before the (then identical) update.
 
   Returns:
     MetaStep(init, step). ``step`` reports 'loss', the mean of every per-task metric, the
@@ -159,14 +164,14 @@ def make_meta_step(h_star: core.Conjugate, loss_fn: core.LossFn,
     (loss, per_task), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params, support, query)
     metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_task)
-    if grad_reduce is not None:
-      loss, grads, metrics = grad_reduce((loss, grads, metrics))
+    if axis_name is not None:  # equal task counts per shard, so the mean of means is the mean
+      loss, grads, metrics = jax.lax.pmean((loss, grads, metrics), axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics.update(loss=loss, meta_grad_norm=optax.tree.norm(grads))
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return MetaStep(init, step)
+  return MetaStep(init, step, axis_name)
 
 
 def init_meta_params(conj, model_params: PyTree, key: jax.Array) -> MetaParams:
