@@ -1,0 +1,1 @@
+"""Experiment entry point (`python -m experiments.run`) and named configs."""

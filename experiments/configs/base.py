@@ -1,0 +1,143 @@
+"""Defaults shared by every named config (DESIGN.md §2); each named config overrides a few.
+
+Not a config itself: ``get_config(dataset)`` is called by the named configs. The defaults
+are those of the MetaMiDA authors' earlier public code (MetaMirrorDescent, PyTorch), the
+closest known to the paper's settings: 5-way, 15 query images per class in training,
+60,000 meta-iterations of 4 tasks, 5 inner steps at inner lr 1e-2, Conv4-64 with
+transductive batch norm, meta-optimizer SGD (lr 1e-3, Nesterov 0.9, weight decay 1e-4,
+lr x0.1 every 20,000 iterations; Adam on Omniglot), validation every 2,000 iterations on
+1,000 tasks keeping the best-validation checkpoint, test on 1,000 tasks.
+
+Fields (all overridable as ``--config.<field>=<value>``):
+
+  name: the config's name (used in the default workdir ``runs/<name>_<algorithm>``).
+  dataset: one of ``mirrormeta.data.DATASETS``.
+  data_dir: the dataset folder; default ``<repo>/../shared/data/<folder>`` if it exists,
+    else ``~/data/<folder>`` (folder: the dataset name; ``cifar100`` for cifarfs and
+    fc100, which are built from the same CIFAR-100 files).
+  image_size: images are resized to this (None: the dataset's standard size).
+  cache_dir: where decoded splits are cached ('' : the data layer's default).
+  n_way, shot, query: the training task shape (query = query images per class).
+  eval_query: query images per class in validation and test tasks.
+  algorithm: maml | fomaml | metasgd | metacurvature | metamida (mirrormeta.algorithms).
+  first_order: drop second-order terms of the meta-gradient (always on for fomaml).
+  model: conv4 | resnet12 | mlp; filters (conv4), resnet_widths, mlp_hidden.
+  inner_steps: K, mirror-descent steps per task in training.
+  eval_inner_steps: K at validation and test (None: inner_steps); results report the
+    query accuracy after every step 0..K.
+  inner_lr: α, the inner (dual-space) step size.
+  meta_batch: tasks per meta-iteration.
+  num_steps: meta-iterations. Can be raised when resuming a finished run.
+  optimizer: name (sgd | adam), lr, momentum and nesterov (sgd), weight_decay (added to
+    the gradient of θ_z only: θ_h's raw parameters are not shrunk towards 0, which for
+    the ICNN is not the identity map), decay_every/decay_factor (staircase step decay of
+    the lr; 0 = constant), clip_norm (global-norm clipping of the meta-gradient; 0 = off).
+  eval_every: validate (and maybe save the best checkpoint) every this many steps.
+  val_tasks, test_tasks: tasks per validation / final test (the paper: >= 600).
+  eval_batch: tasks per evaluation call (0: 1 with the 'loop' strategy, 25 with 'vmap').
+  eval_checkpoint: which checkpoint the final test uses: best (validation) | latest.
+  log_every: TensorBoard scalars every this many steps.
+  checkpoint_every: save the latest checkpoint every this many steps (also at the end,
+    and on Ctrl-C).
+  keep_checkpoints: latest checkpoints kept.
+  seed: fixes the initialisation and every task drawn (task t of step s is a function of
+    (seed, s, t)), so an interrupted run resumes exactly.
+  icnn: the MetaMiDA conjugate: every argument of mirrormeta.conjugates.icnn (width,
+    depth, mu, bounds, granularity, ...), defaulting to the library's defaults.
+  strategy: how tasks and steps execute (mirrormeta.Strategy): tasks auto | vmap | loop
+    ('auto': the backend's measured best, vmap for MLPs), unroll (scan unroll of the K
+    steps; 0 = fully unrolled), remat.
+  num_devices: devices the meta-batch is split over (0 = all visible; must divide it).
+  distributed: multi-process settings (mirrormeta.parallel.maybe_initialize_distributed):
+    coordinator_address, num_processes, process_id, auto.
+  progress: show a progress bar.
+"""
+import inspect
+from pathlib import Path
+
+import ml_collections
+from ml_collections import config_dict
+
+from mirrormeta import conjugates
+
+# Folder names under a data root; cifarfs and fc100 are both cut from CIFAR-100.
+DATA_FOLDERS = {'omniglot': 'omniglot', 'miniimagenet': 'miniimagenet',
+                'tieredimagenet': 'tieredimagenet', 'cub': 'cub', 'cifarfs': 'cifar100',
+                'fc100': 'cifar100', 'sinusoid': ''}
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
+
+
+def default_data_dir(dataset: str) -> str:
+  """``<repo>/../shared/data/<folder>`` if it exists, else ``~/data/<folder>``."""
+  folder = DATA_FOLDERS.get(dataset, dataset)
+  if not folder:
+    return ''
+  shared = SHARED_DATA / folder
+  return str(shared) if shared.is_dir() else str(Path('~/data') / folder)
+
+
+def icnn_defaults() -> dict:
+  """Every argument of ``mirrormeta.conjugates.icnn`` with the library's default value."""
+  return {name: p.default for name, p in
+          inspect.signature(conjugates.icnn).parameters.items()}
+
+
+def get_config(dataset: str = 'miniimagenet') -> ml_collections.ConfigDict:
+  """The DESIGN.md §2 defaults for ``dataset`` (see the module docstring for each field)."""
+  c = ml_collections.ConfigDict()
+  c.name = dataset
+  c.dataset = dataset
+  c.data_dir = default_data_dir(dataset)
+  c.image_size = config_dict.placeholder(int)
+  c.cache_dir = ''
+
+  c.n_way = 5
+  c.shot = 1
+  c.query = 15
+  c.eval_query = 15
+
+  c.algorithm = 'metamida'
+  c.first_order = False
+  c.model = 'conv4'
+  c.filters = 64
+  c.resnet_widths = (64, 160, 320, 640)
+  c.mlp_hidden = (40, 40)
+
+  c.inner_steps = 5
+  c.eval_inner_steps = config_dict.placeholder(int)
+  c.inner_lr = 0.01
+  c.meta_batch = 4
+  c.num_steps = 60000
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4,
+      decay_every=20000, decay_factor=0.1, clip_norm=0.0))
+
+  c.eval_every = 2000
+  c.val_tasks = 1000
+  c.test_tasks = 1000
+  c.eval_batch = 0
+  c.eval_checkpoint = 'best'
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.seed = 0
+
+  c.icnn = ml_collections.ConfigDict(icnn_defaults())
+  c.strategy = ml_collections.ConfigDict(dict(tasks='auto', unroll=0, remat=False))
+  c.num_devices = 1
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address=config_dict.placeholder(str),
+      num_processes=config_dict.placeholder(int),
+      process_id=config_dict.placeholder(int), auto=False))
+  c.progress = True
+  return c
+
+
+def omniglot(n_way: int, shot: int) -> ml_collections.ConfigDict:
+  """Omniglot (Vinyals split, 28x28, rotations as classes) with the authors' Adam."""
+  c = get_config('omniglot')
+  c.n_way, c.shot = n_way, shot
+  c.optimizer.name = 'adam'
+  c.optimizer.weight_decay = 0.0
+  return c

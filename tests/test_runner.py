@@ -1,0 +1,277 @@
+"""`python -m experiments.run` end to end: the smoke config on real Omniglot (train, validate,
+checkpoint, resume exactly, test, report), NaN/inf stops, eval-only, MetaMiDA on sinusoids,
+and bad input giving one error line with nothing overwritten.
+
+One small compiled Conv4 is shared by every smoke run here (``experiment=``), so only the
+first run compiles (and the persistent cache of tests/conftest.py makes reruns cheap).
+"""
+import itertools
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from experiments.configs import sinusoid as sinusoid_config  # noqa: E402
+from experiments.configs import smoke as smoke_config  # noqa: E402
+from mirrormeta import MirrormetaError, checkpoint, train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6  # checkpoints every 2 steps, validation every 3
+
+
+def small_smoke(omniglot_dir):
+  c = smoke_config.get_config()
+  c.data_dir = str(omniglot_dir)
+  c.num_steps, c.checkpoint_every, c.eval_every, c.log_every = STEPS, 2, 3, 2
+  c.val_tasks, c.test_tasks, c.progress = 10, 20, False
+  return c
+
+
+@pytest.fixture(scope='module')
+def smoke(omniglot_dir):
+  config = small_smoke(omniglot_dir)
+  return config, train.build_experiment(config)
+
+
+@pytest.fixture(scope='module')
+def trained(smoke, tmp_path_factory):
+  """A run of STEPS steps, never interrupted."""
+  config, exp = smoke
+  workdir = tmp_path_factory.mktemp('straight') / 'run'
+  results = train.train_and_evaluate(config, workdir, experiment=exp)
+  return workdir, results
+
+
+def restore(exp, workdir, which='latest'):
+  return checkpoint.Checkpoints(Path(workdir) / 'checkpoints').restore(which, exp.init_state())
+
+
+def assert_same_state(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit on CPU
+
+
+def steps_in(workdir, which):
+  d = Path(workdir) / 'checkpoints' / which
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+
+
+def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} from the TFRecord event files (no TensorFlow needed)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted((Path(workdir) / 'tensorboard').glob('events.out.tfevents.*')):
+    raw = path.read_bytes()
+    i = 0
+    while i < len(raw):
+      (n,) = struct.unpack('<Q', raw[i:i + 8])
+      event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = v.simple_value
+  return out
+
+
+def fail_at(monkeypatch, call, exc=None, poison=False):
+  """Makes the runner's step raise ``exc`` at its ``call``-th call, or (poison) return NaN
+  meta-parameters from it: a stand-in for a kill or a diverging run."""
+  real = train.make_runner
+
+  def make_runner(exp):
+    runner = real(exp)
+    calls = itertools.count(1)
+
+    def step(state, *batch):
+      n = next(calls)
+      if n == call and exc is not None:
+        raise exc
+      state, metrics = runner.step(state, *batch)
+      if n == call and poison:
+        state = state._replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+      return state, metrics
+    return runner._replace(step=step)
+  monkeypatch.setattr(train, 'make_runner', make_runner)
+
+
+# --- the smoke config end to end ---------------------------------------------------------
+
+def test_smoke_run_writes_everything(trained):
+  workdir, results = trained
+  names = {p.name for p in workdir.iterdir()}
+  assert {'config.json', 'checkpoints', 'tensorboard', 'results.json', 'results.md',
+          'accuracy_vs_step.png'} <= names
+  assert steps_in(workdir, 'latest') == [4, 6]  # keep_checkpoints=2
+  assert len(steps_in(workdir, 'best')) == 1
+  assert (workdir / 'accuracy_vs_step.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+  stored = json.loads((workdir / 'results.json').read_text())
+  assert stored == json.loads(json.dumps(results))
+  k = results['inner_steps']
+  assert k == 3 and results['per_step']['step'] == [0, 1, 2, 3]
+  assert len(results['per_step']['accuracy']) == len(results['per_step']['loss_ci95']) == k + 1
+  assert results['num_tasks'] == 20 and results['metric'] == 'accuracy'
+  assert 0 <= results['accuracy'] <= 100 and results['accuracy_ci95'] > 0
+  assert results['accuracy'] == results['per_step']['accuracy'][-1]
+  assert results['per_step']['accuracy'][0] == pytest.approx(20, abs=10)  # 5-way chance
+  assert results['checkpoint']['which'] == 'best'
+  assert results['checkpoint']['step'] == results['best_val']['step'] in (3, 6)
+  assert results['train'] == {'steps': STEPS, 'resumed_from': 0,
+                              'wall_s': results['train']['wall_s']}
+  md = (workdir / 'results.md').read_text()
+  assert f'**{results["accuracy"]:.2f}% ± {results["accuracy_ci95"]:.2f}%**' in md
+  assert md.count('\n| ') == k + 2  # header + one row per step 0..K
+
+  tb = tensorboard_scalars(workdir)
+  assert set(tb['train/loss']) == {2, 4, 6} and set(tb['val/accuracy']) == {3, 6}
+  for tag in ('train/accuracy', 'train/meta_grad_norm', 'inner/support_loss/step_0',
+              'inner/support_loss/step_1', 'inner/grad_norm/step_0', 'optim/meta_lr',
+              'optim/inner_lr', 'conjugate/mu', 'conjugate/lipschitz', 'perf/steps_per_sec',
+              'val/accuracy_per_step/step_3'):
+    assert tag in tb, tag
+  assert tb['conjugate/mu'][2] == tb['conjugate/lipschitz'][2] == 1.0  # maml: h* = ½‖z‖²
+  assert tb['optim/meta_lr'][2] == pytest.approx(1e-3)
+
+
+def test_resume_after_interrupt_is_exact(smoke, trained, tmp_path, monkeypatch):
+  config, exp = smoke
+  workdir = tmp_path / 'run'
+  fail_at(monkeypatch, call=4, exc=KeyboardInterrupt())  # Ctrl-C during step 4
+  with pytest.raises(train.Interrupted, match='interrupted at step 4; checkpoint at .*latest/3'):
+    train.train_and_evaluate(config, workdir, experiment=exp)
+  assert steps_in(workdir, 'latest') == [2, 3] and not (workdir / 'results.json').exists()
+  monkeypatch.undo()
+  results = train.train_and_evaluate(config, workdir, experiment=exp)
+  assert results['train']['resumed_from'] == 3
+  assert_same_state(restore(exp, workdir), restore(exp, trained[0]))
+  assert results['per_step'] == trained[1]['per_step']
+
+
+def test_resume_after_crash_is_exact(smoke, trained, tmp_path, monkeypatch):
+  config, exp = smoke
+  workdir = tmp_path / 'run'
+  fail_at(monkeypatch, call=6, exc=RuntimeError('killed'))  # dies in step 6: no save
+  with pytest.raises(RuntimeError, match='killed'):
+    train.train_and_evaluate(config, workdir, experiment=exp)
+  assert steps_in(workdir, 'latest') == [2, 4]
+  monkeypatch.undo()
+  results = train.train_and_evaluate(config, workdir, experiment=exp)
+  assert results['train']['resumed_from'] == 4
+  assert_same_state(restore(exp, workdir), restore(exp, trained[0]))
+  assert_same_state(restore(exp, workdir, 'best'), restore(exp, trained[0], 'best'))
+  assert tensorboard_scalars(workdir)['train/loss'] == tensorboard_scalars(trained[0])['train/loss']
+
+
+def test_finished_run_can_be_extended(smoke, trained, tmp_path):
+  config, exp = smoke
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained[0], workdir)
+  longer = config.copy_and_resolve_references()
+  longer.num_steps = STEPS + 2  # num_steps may change in a workdir
+  results = train.train_and_evaluate(longer, workdir, experiment=exp)
+  assert results['train']['resumed_from'] == STEPS
+  assert steps_in(workdir, 'latest') == [STEPS, STEPS + 2]
+
+
+def test_eval_only_retests_a_checkpoint(smoke, trained, tmp_path):
+  config, _ = smoke
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained[0], workdir)
+  other = config.copy_and_resolve_references()
+  other.test_tasks, other.eval_inner_steps, other.eval_checkpoint = 30, 1, 'latest'
+  results = train.evaluate_checkpoint(other, workdir)
+  assert results['num_tasks'] == 30 and results['inner_steps'] == 1
+  assert results['checkpoint']['which'] == 'latest' and results['checkpoint']['step'] == STEPS
+  assert json.loads((workdir / 'results.json').read_text())['num_tasks'] == 30
+  with pytest.raises(MirrormetaError, match='holds no trained run'):
+    train.evaluate_checkpoint(other, tmp_path / 'empty')
+
+
+@pytest.mark.parametrize('call, what, last_good', [
+    (4, 'meta-parameters at step 4', 2),  # caught before saving step 4
+    (5, 'meta-loss at step 6', 4),        # caught by the next step's loss
+])
+def test_nonfinite_run_stops_and_keeps_last_good_checkpoint(smoke, tmp_path, monkeypatch, call,
+                                                            what, last_good):
+  config, exp = smoke
+  workdir = tmp_path / 'run'
+  fail_at(monkeypatch, call=call, poison=True)
+  with pytest.raises(train.NonFiniteError) as e:
+    train.train_and_evaluate(config, workdir, experiment=exp)
+  message = str(e.value)
+  assert message.startswith(f'non-finite {what}; last good checkpoint at ')
+  assert f'latest/{last_good} (try a lower inner_lr' in message and '\n' not in message
+  assert steps_in(workdir, 'latest')[-1] == last_good
+  good = restore(exp, workdir)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
+  assert not (workdir / 'results.json').exists()
+
+
+# --- MetaMiDA, regression ----------------------------------------------------------------
+
+def test_metamida_sinusoid_end_to_end(tmp_path):
+  c = sinusoid_config.get_config()
+  c.mlp_hidden, c.meta_batch, c.num_steps = (16, 16), 4, 4
+  c.eval_inner_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 2
+  c.val_tasks, c.test_tasks, c.progress = 8, 16, False
+  results = train.train_and_evaluate(c, tmp_path)
+  assert results['algorithm'] == 'metamida' and results['metric'] == 'mse'
+  assert results['mse'] == results['per_step']['loss'][-1] > 0 and 'accuracy' not in results
+  assert (tmp_path / 'mse_vs_step.png').is_file()
+  assert '| step k | query MSE | ± 95% CI |' in (tmp_path / 'results.md').read_text()
+  tb = tensorboard_scalars(tmp_path)
+  assert 0 < tb['conjugate/mu'][4] < tb['conjugate/lipschitz'][4] < 100
+  assert 'val/mse' in tb and 'train/accuracy' not in tb
+
+
+# --- bad input: one error line, exit status 2, nothing written ---------------------------
+
+def run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(REPO / '.jax_cache'))
+  return subprocess.Popen([sys.executable, '-m', 'experiments.run', *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_bad_input_gives_one_error_line(trained, omniglot_dir, tmp_path):
+  workdir, _ = trained
+  before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  new = tmp_path / 'new'
+  data = f'--config.data_dir={omniglot_dir}'
+  cases = {
+      'unknown config': (['--config=mini_1sht', f'--workdir={new}'],
+                         "error: unknown config 'mini_1sht'; available: cifarfs_1shot, "),
+      'unknown field': (['--config=smoke', '--config.inner_lrr=0.1', f'--workdir={new}'],
+                        "error: unknown config field 'inner_lrr' in --config.inner_lrr "
+                        "(did you mean 'inner_lr'?)"),
+      'wrong type': (['--config=smoke', '--config.shot=one', f'--workdir={new}'],
+                     'error: flag --config.shot=one: invalid literal for int()'),
+      'shot <= 0': (['--config=smoke', '--config.shot=0', f'--workdir={new}'],
+                    'error: config.shot=0 must be >= 1'),
+      'inner lr <= 0': (['--config=smoke', '--config.inner_lr=-0.5', f'--workdir={new}'],
+                        'error: config.inner_lr=-0.5 must be > 0'),
+      'n_way > split': (['--config=smoke', '--config.n_way=5000', data, f'--workdir={new}'],
+                        'error: omniglot/train: n_way=5000 but the split has only 4112 classes'),
+      'other run in workdir': (['--config=smoke', '--config.shot=2', data, f'--workdir={workdir}'],
+                               f'error: --workdir {workdir} holds a run of a different config '
+                               "(shot: 2 here vs 1 there); use another --workdir"),
+  }
+  procs = {name: run_cli(*args) for name, (args, _) in cases.items()}
+  for name, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, (name, err[-2000:])
+    assert out == '', (name, out)
+    assert len(err.strip().splitlines()) == 1, (name, err[-2000:])
+    assert err.startswith(cases[name][1]), (name, err)
+  assert not new.exists()
+  assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
