@@ -26,17 +26,22 @@ Conjugate = Callable[[PyTree, PyTree], jax.Array]  # (theta_h, z) -> scalar
 LossFn = Callable[[PyTree, PyTree], Any]  # (params, batch) -> loss or (loss, aux)
 
 
-def _check_scalar_conjugate(h_star: Conjugate, theta_h: PyTree, z: PyTree) -> None:
-  """Raises a clear error unless h*(θ_h, z) is a real scalar (trace-time only)."""
+def _output_shape(fn: Callable, what: str, fix: str, *args) -> Any:
+  """``jax.eval_shape(fn, *args)``, with a user's shape error turned into one clear line."""
   try:
-    out = jax.eval_shape(h_star, theta_h, z)
+    return jax.eval_shape(fn, *args)
   except MirrormetaError:
     raise
   except (TypeError, ValueError) as e:
-    raise MirrormetaError(
-        f'the conjugate h*(theta_h, z) failed on these inputs ({type(e).__name__}: '
-        f'{str(e).splitlines()[0]}); check that theta_h was made by conj.init(key, params) '
-        'for the same parameter pytree as z') from None
+    raise MirrormetaError(f'{what} failed on these inputs ({type(e).__name__}: '
+                          f'{str(e).splitlines()[0]}); {fix}') from None
+
+
+def _check_scalar_conjugate(h_star: Conjugate, theta_h: PyTree, z: PyTree) -> None:
+  """Raises a clear error unless h*(θ_h, z) is a real scalar (trace-time only)."""
+  out = _output_shape(h_star, 'the conjugate h*(theta_h, z)',
+                      'check that theta_h was made by conj.init(key, params) for the same '
+                      'parameter pytree as z', theta_h, z)
   if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()
           and jnp.issubdtype(out.dtype, jnp.floating)):
     raise MirrormetaError(
@@ -119,14 +124,8 @@ def mirror_step(h_star: Conjugate, theta_h: PyTree, z: PyTree, grads: PyTree, lr
 
 def as_loss_with_aux(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Callable:
   """Wraps ``loss_fn`` to always return ``(loss, aux)``; checks the loss is a scalar."""
-  try:
-    out = jax.eval_shape(loss_fn, params, batch)
-  except MirrormetaError:
-    raise
-  except (TypeError, ValueError) as e:
-    raise MirrormetaError(
-        f'loss_fn(params, batch) failed on these inputs ({type(e).__name__}: '
-        f'{str(e).splitlines()[0]}); check the batch shapes and the parameter pytree') from None
+  out = _output_shape(loss_fn, 'loss_fn(params, batch)',
+                      'check the batch shapes and the parameter pytree', params, batch)
   has_aux = isinstance(out, tuple) and len(out) == 2
   loss_shape = out[0] if has_aux else out
   if getattr(loss_shape, 'shape', None) != ():
@@ -162,7 +161,8 @@ class AdaptInfo(NamedTuple):
 
 def adapt(h_star: Conjugate, theta_h: PyTree, z0: PyTree, loss_fn: LossFn, batch: PyTree,
           steps: int, lr: Any, *, first_order: bool = False, unroll: int | bool = 1,
-          remat: bool = False, eval_batch: PyTree | None = None) -> tuple[PyTree, AdaptInfo]:
+          remat: bool = False, eval_batch: PyTree | None = None,
+          phi0: PyTree | None = None) -> tuple[PyTree, AdaptInfo]:
   """K mirror-descent steps from z_0 on ``loss_fn(·, batch)``; returns φ_K = ∇h*(z_K).
 
   The steps run as ``lax.scan`` so the program stays the same size for any K; ``unroll``
@@ -182,6 +182,7 @@ def adapt(h_star: Conjugate, theta_h: PyTree, z0: PyTree, loss_fn: LossFn, batch
     unroll: ``lax.scan`` unroll factor (True: fully unrolled).
     remat: wrap each step in ``jax.checkpoint``.
     eval_batch: optional query set; its loss/aux are recorded at every step 0..K.
+    phi0: ∇h*(z0) if already computed (it is the same for every task of a meta-batch).
 
   Returns:
     (φ_K, AdaptInfo).
@@ -189,7 +190,8 @@ def adapt(h_star: Conjugate, theta_h: PyTree, z0: PyTree, loss_fn: LossFn, batch
   if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
     raise MirrormetaError(f'steps must be an integer >= 0, got {steps!r}')
   _check_lr(lr)
-  phi0 = primal_map(h_star, theta_h, z0)
+  if phi0 is None:
+    phi0 = primal_map(h_star, theta_h, z0)
   loss_aux = as_loss_with_aux(loss_fn, phi0, batch)
   eval_fn = None if eval_batch is None else as_loss_with_aux(loss_fn, phi0, eval_batch)
 

@@ -98,12 +98,14 @@ def meta_loss(theta: MetaParams, support: PyTree, query: PyTree, *, h_star: core
     '<aux>_per_step'.
   """
   _check_tasks(support, query)
+  phi0 = core.primal_map(h_star, theta.h, theta.z)  # shared by all tasks: computed once
 
   def one_task(task):
     s, q = task
     phi_K, info = core.adapt(h_star, theta.h, theta.z, loss_fn, s, steps, lr,
                              first_order=first_order, unroll=strategy.unroll,
-                             remat=strategy.remat, eval_batch=q if track_query else None)
+                             remat=strategy.remat, eval_batch=q if track_query else None,
+                             phi0=phi0)
     q_loss, q_aux = core.as_loss_with_aux(loss_fn, phi_K, q)(phi_K, q)
     m = {'query_loss': q_loss, 'support_loss': info.loss, 'grad_norm': info.grad_norm,
          'primal_step_norm': info.primal_step_norm}
