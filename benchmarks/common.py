@@ -1,0 +1,290 @@
+"""Shared pieces of the meta-step benchmarks: build, compile, time and size a meta-step.
+
+A configuration is (algorithm, shape, K, strategy). It is built exactly as the runner
+(``mirrormeta.train.build_experiment`` / ``make_runner``) builds it:
+
+    alg  = mirrormeta.algorithms.get(name)                       # conjugate + first_order
+    meta = mm.make_meta_step(alg.conjugate.apply,
+                             models.classification_loss(model.apply), optax.adam(1e-3),
+                             steps=K, lr=inner_lr, first_order=alg.first_order,
+                             strategy=strategy or mm.default_strategy())
+    step = jax.jit(meta.step, donate_argnums=0)                  # the state is donated
+
+on random inputs of the benchmark's task shape: 5-way 1-shot, 15 query, 4 tasks
+(support ``[4, 5, H, W, C]``, query ``[4, 75, H, W, C]``), Conv4 with transductive BN.
+
+Peak memory (deterministic, no run needed) is XLA's own accounting of the compiled step,
+``jax.jit(step).lower(...).compile().memory_analysis()``::
+
+    peak_bytes = argument + output + temp − alias
+
+``argument``/``output``: the step's input/output buffers (state, tasks; new state,
+metrics); ``temp``: the buffer-assignment slab of every intermediate, already packed by
+liveness (so it is the most the program holds at once, activations of the unrolled inner
+loops included); ``alias``: outputs written in place into donated inputs (counted once).
+Generated code is not counted. An optional cross-check (:func:`rss_peak_mb`) runs the step
+in a fresh subprocess and reads the process's RSS high-water mark over the steps.
+
+Timing: :func:`time_interleaved` warms every compiled step up, then runs rounds
+A B C ... A B C ... and reports each one's median, so that load from other processes on
+a shared machine hits every variant alike; compare ratios from one run, never across runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import mirrormeta as mm
+from mirrormeta import algorithms, models
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / 'benchmarks' / 'results'
+
+# The benchmark task: N-way 1-shot, 15 query, 4 tasks per meta-batch.
+N_WAY, SHOT, QUERY, TASKS = 5, 1, 15, 4
+# Inner (dual-space) step size: the configs' default (experiments/configs/base.py). It does
+# not change the work per step; the PyTorch reference is given the same value.
+INNER_LR = 0.01
+META_LR = 1e-3
+
+
+class Shape(NamedTuple):
+  """A benchmark shape: image (H, W, C) and Conv4 width."""
+  name: str
+  image: tuple[int, int, int]
+  filters: int
+
+
+SHAPES = {
+    'omniglot': Shape('omniglot', (28, 28, 1), 64),   # Omniglot-shaped, Conv4-64
+    'mini': Shape('mini', (84, 84, 3), 32),           # miniImageNet-shaped, Conv4-32
+}
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
+  """Persists compiled steps (``.jax_cache`` at the repo root, git-ignored): a rerun of an
+  unchanged configuration loads instead of recompiling. Keys include the HLO, so a change
+  in ``mirrormeta`` recompiles."""
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    jax.config.update('jax_compilation_cache_dir', str(path or REPO / '.jax_cache'))
+
+
+def strategy_label(s: mm.Strategy) -> str:
+  unroll = 'full' if s.unroll is True else str(s.unroll)
+  return f'tasks={s.tasks} unroll={unroll} remat={s.remat}'
+
+
+def strategy_key(s: mm.Strategy) -> tuple:
+  """A hashable key that tells unroll=True from unroll=1 (equal as Python values)."""
+  return (s.tasks, type(s.unroll).__name__, s.unroll, s.remat)
+
+
+def memory_bytes(compiled) -> dict[str, int]:
+  """XLA's memory accounting of a compiled executable; 'peak' = arg + out + temp − alias."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = dict(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
+             temp=int(m.temp_size_in_bytes), alias=int(m.alias_size_in_bytes),
+             code=int(m.generated_code_size_in_bytes))
+  out['peak'] = out['argument'] + out['output'] + out['temp'] - out['alias']
+  return out
+
+
+@dataclasses.dataclass
+class Built:
+  """One compiled configuration and the live buffers to run it on."""
+  algorithm: str
+  shape: Shape
+  steps: int
+  strategy: mm.Strategy
+  first_order: bool
+  compiled: Any             # jax.stages.Compiled: (state, support, query) -> (state, metrics)
+  state: Any
+  support: Any
+  query: Any
+  compile_s: float          # lower + compile (a persistent-cache hit makes this small)
+  memory: dict[str, int]
+
+  @property
+  def label(self) -> str:
+    return f'{self.algorithm} {self.shape.name} K={self.steps}'
+
+  def run(self) -> None:
+    """One meta-step, blocking (the donated state is replaced by the new one)."""
+    self.state, metrics = self.compiled(self.state, self.support, self.query)
+    jax.block_until_ready(metrics)
+
+  def free(self) -> None:
+    self.compiled = self.state = self.support = self.query = None
+
+
+def random_tasks(shape: Shape, seed: int = 0, tasks: int = TASKS):
+  """Gaussian images and balanced integer labels of the benchmark's task shape."""
+  rng = np.random.default_rng(seed)
+  def split(per_class):
+    x = rng.standard_normal((tasks, N_WAY * per_class) + shape.image).astype(np.float32)
+    y = np.tile(np.repeat(np.arange(N_WAY, dtype=np.int32), per_class), (tasks, 1))
+    return jnp.asarray(x), jnp.asarray(y)
+  return split(SHOT), split(QUERY)
+
+
+def make_step(algorithm: str, shape: Shape, steps: int, strategy: mm.Strategy | None = None,
+              first_order: bool | None = None, inner_lr: float = INNER_LR):
+  """(meta: MetaStep, theta: MetaParams, support, query, first_order) as the runner builds."""
+  alg = algorithms.get(algorithm, **({} if first_order is None else
+                                     {'first_order': first_order}))
+  support, query = random_tasks(shape)
+  model = models.functional(models.Conv4(num_classes=N_WAY, filters=shape.filters),
+                            jnp.zeros(shape.image, jnp.float32)[None])
+  meta = mm.make_meta_step(alg.conjugate.apply, models.classification_loss(model.apply),
+                           optax.adam(META_LR), steps=steps, lr=inner_lr,
+                           first_order=alg.first_order,
+                           strategy=strategy or mm.default_strategy())
+  k_model, k_conj = jax.random.split(jax.random.key(0))
+  params = jax.jit(model.init)(k_model)
+  theta = mm.MetaParams(z=params, h=jax.jit(alg.conjugate.init)(k_conj, params))
+  return meta, theta, support, query, alg.first_order
+
+
+_BUILT: dict[tuple, Built] = {}
+
+
+def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy | None = None,
+          first_order: bool | None = None, verbose: bool = True) -> Built:
+  """Compiles (once per process and configuration) the jitted, state-donating meta-step."""
+  shape = SHAPES[shape] if isinstance(shape, str) else shape
+  strategy = strategy or mm.default_strategy()
+  # Not the Strategy itself: Strategy(unroll=True) == Strategy(unroll=1) (True == 1 in
+  # Python), but full unrolling and lax.scan are different programs.
+  key = (algorithm, shape, steps, strategy_key(strategy), first_order)
+  if key in _BUILT and _BUILT[key].compiled is not None:
+    return _BUILT[key]
+  meta, theta, support, query, fo = make_step(algorithm, shape, steps, strategy, first_order)
+  state = jax.jit(meta.init)(theta)
+  t = time.perf_counter()
+  compiled = jax.jit(meta.step, donate_argnums=0).lower(state, support, query).compile()
+  compile_s = time.perf_counter() - t
+  b = Built(algorithm, shape, steps, strategy, fo, compiled, state, support, query,
+            compile_s, memory_bytes(compiled))
+  if verbose:
+    print(f'  compiled {b.label} [{strategy_label(strategy)}] in {compile_s:.1f} s, '
+          f'peak {mb(b.memory.get("peak", 0)):.1f} MB', flush=True)
+  _BUILT[key] = b
+  return b
+
+
+def mb(n_bytes: float) -> float:
+  return n_bytes / 2**20
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
+                     between: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+  """Seconds per call of each ``fn``: ``warmup`` untimed calls each, then ``repeats`` rounds
+  calling every fn once in turn (A B C A B C ...); ``between(round)`` runs after each round
+  (e.g. another framework's measurement, interleaved at round granularity).
+
+  Returns every sample; summarise with :func:`median`.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
+  for r in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+    if between is not None:
+      between(r)
+  return times
+
+
+def median(xs: Sequence[float]) -> float:
+  return statistics.median(xs) if xs else float('nan')
+
+
+def environment() -> str:
+  import platform  # pylint: disable=g-import-not-at-top
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return (f'backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax '
+          f'{jax.__version__}, {cores} cores available, python {platform.python_version()}, '
+          f'{time.strftime("%Y-%m-%d %H:%M")}')
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def save(name: str, text: str) -> Path:
+  """Writes ``benchmarks/results/<name>_<backend>.md``; returns the path."""
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  path = RESULTS / f'{name}_{jax.default_backend()}.md'
+  path.write_text(text)
+  return path
+
+
+# ------------------------------------------------------------------ RSS cross-check
+
+_RSS_CHILD = '''import json, sys
+sys.path.insert(0, sys.argv[1])
+from benchmarks.common import _rss_measure
+print(json.dumps(_rss_measure(json.loads(sys.stdin.read()))))
+'''
+
+
+def _read_hwm_kb() -> int | None:
+  try:
+    for line in Path('/proc/self/status').read_text().splitlines():
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def _rss_measure(cfg: dict) -> dict:
+  """In a fresh process: compile, then reset the RSS high-water mark (Linux
+  ``/proc/self/clear_refs`` ← 5) and run the steps; the HWM rise is the steps' peak."""
+  enable_compilation_cache()
+  strategy = mm.Strategy(**cfg['strategy'])
+  b = build(cfg['algorithm'], cfg['shape'], cfg['steps'], strategy, verbose=False)
+  current_kb = int(Path('/proc/self/statm').read_text().split()[1]) * os.sysconf(
+      'SC_PAGE_SIZE') // 1024
+  Path('/proc/self/clear_refs').write_text('5')  # HWM := current RSS
+  base = _read_hwm_kb()
+  for _ in range(cfg['runs']):
+    b.run()
+  return dict(rss_peak_delta_mb=(_read_hwm_kb() - base) / 1024, rss_base_mb=current_kb / 1024,
+              xla_peak_mb=mb(b.memory['peak']))
+
+
+def rss_peak_mb(algorithm: str, shape: str, steps: int, strategy: mm.Strategy | None = None,
+                runs: int = 2) -> dict:
+  """Cross-check of the XLA accounting: RSS rise over ``runs`` steps in a fresh process
+  (inputs and state already resident, so it approximates temp + output − alias). Linux only;
+  uses the persistent compilation cache, so run it after the same configuration compiled."""
+  strategy = strategy or mm.default_strategy()
+  cfg = dict(algorithm=algorithm, shape=shape, steps=steps, runs=runs,
+             strategy=strategy._asdict())
+  proc = subprocess.run([sys.executable, '-c', _RSS_CHILD, str(REPO)], input=json.dumps(cfg),
+                        capture_output=True, text=True, check=False)
+  if proc.returncode:  # A cross-check: report the failure, keep the other results.
+    print(f'  RSS measurement failed: {proc.stderr.strip().splitlines()[-1:]}', flush=True)
+    return dict(rss_peak_delta_mb=float('nan'), rss_base_mb=float('nan'),
+                xla_peak_mb=float('nan'))
+  return json.loads(proc.stdout.splitlines()[-1])

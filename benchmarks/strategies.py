@@ -1,0 +1,78 @@
+"""Execution strategies on the current backend: the evidence for ``mm.default_strategy()``.
+
+    python -m benchmarks.strategies [--algorithm=maml] [--steps=5] [--repeats=3]
+        [--strategies=loop:full,loop:1,vmap:full,vmap:1]
+
+The same math, second-order meta-step on Omniglot-shaped tasks (28x28x1, Conv4-64, 5-way
+1-shot 15 query, 4 tasks), run with each ``Strategy(tasks, unroll)``: tasks 'loop' (an
+unrolled Python loop inside the one jit) vs 'vmap', and the K inner steps fully unrolled
+vs ``lax.scan`` with unroll=1. Each is compiled once, then timed in interleaved rounds
+(medians); ratios are to the default strategy, per round. Also reports compile time and
+XLA's peak-memory accounting. Results: ``benchmarks/results/strategies_<backend>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+import mirrormeta as mm
+from benchmarks import common as C
+
+
+def _strategy(s: str) -> mm.Strategy:
+  tasks, unroll = s.split(':')
+  return mm.Strategy(tasks=tasks, unroll=True if unroll == 'full' else int(unroll))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--algorithm', default='maml')
+  p.add_argument('--shape', default='omniglot', choices=sorted(C.SHAPES))
+  p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--warmup', type=int, default=1)
+  p.add_argument('--strategies', type=lambda s: [_strategy(x) for x in s.split(',') if x],
+                 default=[_strategy(x) for x in ('loop:full', 'loop:1', 'vmap:full', 'vmap:1')])
+  p.add_argument('--no_cache', action='store_true')
+  p.add_argument('--out', default='strategies')
+  args = p.parse_args(argv)
+  if not args.no_cache:
+    C.enable_compilation_cache()
+  env = C.environment()
+  print(env)
+  default = mm.default_strategy()
+  shape = C.SHAPES[args.shape]
+  # Keyed by C.strategy_key: Strategy(unroll=True) == Strategy(unroll=1) as Python values.
+  key = C.strategy_key
+  strategies = list(args.strategies)
+  if key(default) not in map(key, strategies):
+    strategies.insert(0, default)
+  built = {key(s): C.build(args.algorithm, shape, args.steps, s) for s in strategies}
+  times = C.time_interleaved({k: b.run for k, b in built.items()}, repeats=args.repeats,
+                             warmup=args.warmup)
+  rel = {k: C.median([a / d for a, d in zip(times[k], times[key(default)])]) for k in built}
+  rows = [[f'`{s.tasks}`', 'full' if s.unroll is True else s.unroll,
+           'yes' if key(s) == key(default) else '', f'{C.median(times[key(s)]):.3f}',
+           f'{min(times[key(s)]):.3f}', f'{rel[key(s)]:.2f}',
+           f'{C.mb(built[key(s)].memory["peak"]):.1f}', f'{built[key(s)].compile_s:.0f}']
+          for s in strategies]
+  fastest = min(strategies, key=lambda s: C.median(times[key(s)]))
+  cmd = 'python -m benchmarks.strategies ' + ' '.join(argv if argv is not None else sys.argv[1:])
+  text = '\n'.join([
+      f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd.strip()}`  ', env, '',
+      f'{args.algorithm}, second order, K={args.steps}, {shape.name}-shaped {shape.image} '
+      f'Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks; '
+      f'{args.repeats} interleaved rounds after {args.warmup} warm-up.', '',
+      C.markdown_table(['tasks', 'scan unroll', 'default', 's/step (median)', 's/step (min)',
+                        'time / default', 'peak MB (XLA)', 'compile s'], rows), '',
+      f'Fastest: tasks={fastest.tasks} unroll={fastest.unroll}; '
+      f'`mm.default_strategy()` = tasks={default.tasks} unroll={default.unroll} '
+      f'({"agrees" if key(fastest) == key(default) else "DISAGREES"}).', ''])
+  print('\n' + text)
+  print(f'saved {C.save(args.out, text)}')
+
+
+if __name__ == '__main__':
+  main()

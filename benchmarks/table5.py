@@ -1,0 +1,222 @@
+"""Table 5: time and peak memory per meta-step, relative to MAML at K=5 (figures, not a test).
+
+    python -m benchmarks.table5 [--shapes=omniglot,mini] [--algorithms=maml,metasgd,...]
+        [--ks=1,2,3,4,5] [--repeats=5] [--torch=loops,func] [--rss]
+
+For each shape (Omniglot-shaped 28x28x1 Conv4-64; miniImageNet-shaped 84x84x3 Conv4-32),
+5-way 1-shot, 15 query, 4 tasks, second order, Adam, every (algorithm, K) is built and
+compiled once exactly as the runner builds it (``benchmarks.common``), with the backend's
+``mm.default_strategy()``; then all of them are timed in interleaved rounds (A B C ... A B
+C ...), medians reported. Memory is XLA's accounting of the compiled step (argument +
+output + temp − alias; deterministic). Times and memory are relative to MAML at K=5 of the
+same shape; ratios between JAX variants are medians of the per-round ratios.
+
+The PyTorch reference (``benchmarks.torch_reference``: second-order MAML, plain loops and
+``torch.func``, same shapes and tasks, K=5) runs between the JAX rounds of the same process
+(one fresh subprocess per round and variant), and its median is compared with mirrormeta's
+MAML K=5. Results: ``benchmarks/results/table5_<backend>.md``. CPU compiles are 20-120 s
+per configuration: pick a subset with the flags.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+from benchmarks import common as C
+
+ALGORITHMS = ('maml', 'metasgd', 'metacurvature', 'metamida')
+TARGETS = dict(vs_torch=0.8, mida_vs_maml_time=1.05, mida_k1_vs_maml_k5=0.25,
+               mida_vs_maml_memory=1.03)
+
+
+def _csv(s):
+  return [x for x in s.split(',') if x]
+
+
+def _ratio_per_round(a, b):
+  return C.median([x / y for x, y in zip(a, b)])
+
+
+def run_shape(shape, algorithms, ks, args):
+  """Builds, times and sizes one shape's grid; returns (rows, torch results, text)."""
+  print(f'\n== {shape.name}: image {shape.image}, Conv4-{shape.filters}, {C.N_WAY}-way '
+        f'{C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks, second order', flush=True)
+  built = {}
+  for alg in algorithms:
+    for k in ks:
+      built[alg, k] = C.build(alg, shape, k)
+
+  torch_times = {v: [] for v in args.torch}
+  torch_rss = {v: [] for v in args.torch}
+  torch_info = {}
+
+  def torch_round(r):
+    from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+    for v in args.torch:
+      res = torch_reference.time_meta_step(
+          v, shape.image, shape.filters, C.N_WAY, C.SHOT, C.QUERY, C.TASKS, 5,
+          first_order=False, inner_lr=C.INNER_LR, warmup=args.torch_warmup,
+          repeats=args.torch_repeats)
+      torch_times[v] += res['all']
+      torch_rss[v].append(res['peak_rss_mb'])
+      torch_info.update(version=res['torch_version'], threads=res['threads'])
+    print(f'  round {r + 1}/{args.repeats} done', flush=True)
+
+  if args.torch:
+    try:
+      import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      print('  torch is not installed: skipping the PyTorch reference '
+            "(pip install 'mirrormeta[bench]')")
+      args.torch = []
+  times = C.time_interleaved({key: b.run for key, b in built.items()}, repeats=args.repeats,
+                             warmup=args.warmup, between=torch_round if args.torch else None)
+  rss = {}
+  if args.rss:
+    for alg in algorithms:
+      if 5 in ks or len(ks) == 1:
+        k = 5 if 5 in ks else ks[0]
+        rss[alg, k] = C.rss_peak_mb(alg, shape.name, k)
+  return built, times, torch_times, torch_rss, torch_info, rss
+
+
+def report_shape(shape, algorithms, ks, built, times, torch_times, torch_rss, torch_info, rss):
+  ref_key = ('maml', 5) if ('maml', 5) in built else None
+  lines = [f'### {shape.name}-shaped: {shape.image} Conv4-{shape.filters}, {C.N_WAY}-way '
+           f'{C.SHOT}-shot, {C.QUERY} query, {C.TASKS} tasks, second order, '
+           f'strategy [{C.strategy_label(next(iter(built.values())).strategy)}]', '']
+  ref_t = C.median(times[ref_key]) if ref_key else None
+  ref_m = built[ref_key].memory['peak'] if ref_key else None
+  # Table 5 layout: algorithms x K, "time x / memory x" relative to MAML K=5.
+  if ref_key:
+    rows = []
+    for alg in algorithms:
+      cells = []
+      for k in ks:
+        t = _ratio_per_round(times[alg, k], times[ref_key])
+        m = built[alg, k].memory['peak'] / ref_m
+        cells.append(f'{t:.2f} / {m:.2f}')
+      rows.append([alg] + cells)
+    lines += ['Relative to MAML at K=5 (time x / peak memory x):', '',
+              C.markdown_table(['algorithm'] + [f'K={k}' for k in ks], rows), '']
+  rows = []
+  for alg in algorithms:
+    for k in ks:
+      b, ts = built[alg, k], times[alg, k]
+      rows.append([alg, k, f'{C.median(ts):.3f}', f'{min(ts):.3f}',
+                   f'{_ratio_per_round(ts, times[ref_key]):.3f}' if ref_key else '-',
+                   f'{C.mb(b.memory["peak"]):.1f}', f'{C.mb(b.memory["temp"]):.1f}',
+                   f'{b.memory["peak"] / ref_m:.3f}' if ref_key else '-',
+                   f'{b.compile_s:.0f}'])
+  lines += ['Absolute (time: median of interleaved rounds; memory: XLA memory_analysis, '
+            'argument + output + temp − alias):', '',
+            C.markdown_table(['algorithm', 'K', 's/step (median)', 's/step (min)',
+                              'time / MAML K=5', 'peak MB', 'temp MB', 'memory / MAML K=5',
+                              'compile s'], rows), '']
+  if torch_times:
+    rows = []
+    for v, ts in torch_times.items():
+      tr = C.median(ts)
+      rows.append([f'PyTorch {torch_info.get("version", "")} `{v}`', 5, f'{tr:.3f}',
+                   f'{min(ts):.3f}', f'{C.median(torch_rss[v]):.0f}',
+                   f'{ref_t / tr:.2f}' if ref_key else '-'])
+    lines += [f'PyTorch reference (second-order MAML, K=5, {torch_info.get("threads")} '
+              f'threads; peak = RSS rise of the steps in a fresh process, not comparable '
+              f'1:1 with XLA\'s accounting. Caveat: torch_reference reads ru_maxrss, which '
+              f'a child spawned from this (large) JAX process inherits as its starting '
+              f'high-water mark, so the rise reads ~0 here; run '
+              f'`python -m benchmarks.torch_reference` alone for its memory):', '',
+              C.markdown_table(['reference', 'K', 's/step (median)', 's/step (min)',
+                                'peak RSS rise MB', 'mirrormeta MAML K=5 / this'], rows), '']
+  if rss:
+    rows = [[alg, k, f'{r["xla_peak_mb"]:.1f}', f'{r["rss_peak_delta_mb"]:.1f}']
+            for (alg, k), r in rss.items()]
+    lines += ['Cross-check: RSS high-water rise over 2 steps in a fresh process (inputs and '
+              'state resident before) vs XLA accounting:', '',
+              C.markdown_table(['algorithm', 'K', 'XLA peak MB', 'RSS rise MB'], rows), '']
+  return '\n'.join(lines)
+
+
+def targets(shape, built, times, torch_times, ks):
+  """Target lines (Omniglot shape, the issue's reference configuration)."""
+  out = []
+  def line(name, value, limit, detail):
+    ok = value <= limit
+    out.append(f'- [{"MET" if ok else "NOT MET"}] {name}: {value:.3f} (target ≤ {limit}) '
+               f'{detail}')
+  have = lambda *keys: all(k in built for k in keys)
+  if have(('maml', 5)) and torch_times:
+    t = C.median(times['maml', 5])
+    best_v = min(torch_times, key=lambda v: C.median(torch_times[v]))
+    line('mirrormeta MAML K=5 / PyTorch reference (fastest variant)',
+         t / C.median(torch_times[best_v]), TARGETS['vs_torch'],
+         f'({t:.3f} s vs `{best_v}` {C.median(torch_times[best_v]):.3f} s; min/min: '
+         f'{min(times["maml", 5]) / min(torch_times[best_v]):.2f}; ' + ', '.join(
+             f'vs `{v}`: {t / C.median(ts):.2f}' for v, ts in torch_times.items()) + ')')
+  for k in ks:
+    if have(('metamida', k), ('maml', k)):
+      line(f'MetaMiDA / MAML time at K={k}',
+           _ratio_per_round(times['metamida', k], times['maml', k]),
+           TARGETS['mida_vs_maml_time'],
+           f'({C.median(times["metamida", k]):.3f} s vs {C.median(times["maml", k]):.3f} s)')
+  if have(('metamida', 1), ('maml', 5)):
+    line('MetaMiDA K=1 / MAML K=5 time',
+         _ratio_per_round(times['metamida', 1], times['maml', 5]),
+         TARGETS['mida_k1_vs_maml_k5'],
+         f'({C.median(times["metamida", 1]):.3f} s vs {C.median(times["maml", 5]):.3f} s)')
+  for k in ks:
+    if have(('metamida', k), ('maml', k)):
+      a, b = built['metamida', k].memory['peak'], built['maml', k].memory['peak']
+      line(f'MetaMiDA / MAML peak memory at K={k}', a / b, TARGETS['mida_vs_maml_memory'],
+           f'({C.mb(a):.1f} MB vs {C.mb(b):.1f} MB)')
+  out.append('- checkpointing target (K=20 ≤ 2x K=1 with jax.checkpoint): measured by '
+             '`python -m benchmarks.memory`, see memory_<backend>.md')
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--shapes', type=_csv, default=['omniglot', 'mini'])
+  p.add_argument('--algorithms', type=_csv, default=list(ALGORITHMS))
+  p.add_argument('--ks', type=lambda s: [int(x) for x in _csv(s)], default=[1, 2, 3, 4, 5])
+  p.add_argument('--repeats', type=int, default=5, help='interleaved timed rounds')
+  p.add_argument('--warmup', type=int, default=1)
+  p.add_argument('--torch', type=_csv, default=['loops', 'func'],
+                 help="PyTorch reference variants ('' for none)")
+  p.add_argument('--torch_repeats', type=int, default=3, help='torch timed steps per round')
+  p.add_argument('--torch_warmup', type=int, default=2,
+                 help='untimed torch steps per round (each round is a fresh process)')
+  p.add_argument('--rss', action='store_true', help='RSS cross-check in fresh processes')
+  p.add_argument('--no_cache', action='store_true', help='no persistent compilation cache')
+  p.add_argument('--out', default='table5')
+  args = p.parse_args(argv)
+  if not args.no_cache:
+    C.enable_compilation_cache()
+  env = C.environment()
+  print(env)
+  cmd = 'python -m benchmarks.table5 ' + ' '.join(argv if argv is not None else sys.argv[1:])
+  sections = [f'# Table 5: meta-step time and peak memory ({jax.default_backend()})', '',
+              f'`{cmd.strip()}`  ', env, '']
+  target_lines = []
+  for name in args.shapes:
+    shape = C.SHAPES[name]
+    res = run_shape(shape, args.algorithms, args.ks, args)
+    text = report_shape(shape, args.algorithms, args.ks, *res)
+    print('\n' + text, flush=True)
+    sections += [text, '']
+    if name == 'omniglot':
+      target_lines = targets(shape, res[0], res[1], res[2], args.ks)
+    for b in res[0].values():
+      b.free()
+  if target_lines:
+    text = '\n'.join(['### Targets (Omniglot-shaped, ratios from this run)', ''] + target_lines)
+    print('\n' + text)
+    sections += [text, '']
+  path = C.save(args.out, '\n'.join(sections))
+  print(f'\nsaved {path}')
+
+
+if __name__ == '__main__':
+  main()
