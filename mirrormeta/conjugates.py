@@ -157,7 +157,7 @@ GRANULARITIES = ('tensor', 'channel', 'coordinate')
 
 
 
-def icnn(width: int = 8, depth: int = 2, mu: float = 1e-2, hidden_bound: float = 1.0,
+def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float = 1.0,
          skip_bound: float = 8.0, out_bound: float = 1.0, out_init: float = 1e-3,
          granularity: str = 'channel') -> ConjugateDGF:
   """MetaMiDA's learned conjugate: a separable input-convex network (Theorem 1, Remark 1).
@@ -182,7 +182,10 @@ def icnn(width: int = 8, depth: int = 2, mu: float = 1e-2, hidden_bound: float =
 
   Args:
     width: hidden units per layer.
-    depth: number of hidden layers (≥ 1).
+    depth: number of hidden layers (≥ 1). Default 1: for a scalar input a non-negative sum
+      of softplus ridges already approximates any smooth convex function, and on Conv4
+      (CPU) depth 2 cost 3.4x MAML's step time and 3.1x its memory against ~1.9x and 1.4x
+      (benchmarks/results/table5_cpu.md).
     mu: strong-convexity constant μ > 0.
     hidden_bound, skip_bound, out_bound: M_W, M_B, M_v.
     out_init: initial v (small: the start is ≈ MAML).

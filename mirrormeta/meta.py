@@ -25,7 +25,9 @@ class Strategy(NamedTuple):
   Attributes:
     tasks: 'vmap' maps the per-task computation over the task axis; 'loop' unrolls a Python
       loop over tasks inside the one jitted program.
-    unroll: ``lax.scan`` unroll of the K inner steps (True: fully unrolled).
+    unroll: ``lax.scan`` unroll of the K inner steps (True: fully unrolled). Note that
+      ``True == 1`` in Python, so Strategy(unroll=True) == Strategy(unroll=1): never key a
+      cache of compiled steps by Strategy alone.
     remat: ``jax.checkpoint`` each inner step (memory ∝ K iterates instead of activations).
   """
   tasks: str = 'vmap'
