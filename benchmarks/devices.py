@@ -1,16 +1,20 @@
 """Meta-step time on 1 device vs N fake CPU devices: the cost of sharding the task batch.
 
     python -m benchmarks.devices [--configs=smoke,conv4] [--devices=1,8] [--meta_batch=8]
-        [--steps=10] [--data_dir=../shared/data/omniglot]
+        [--steps=10] [--rounds=2] [--data_dir=../shared/data/omniglot]
 
 Each (config, device count) runs in its own process (the device count is fixed when JAX
 starts: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, ``JAX_PLATFORMS=cpu``) and
 times the runner's own meta-step (``mirrormeta.train.build_experiment`` + ``make_runner``:
 ``jax.jit`` on 1 device; ``shard_map`` over the 'tasks' mesh with ``pmean`` otherwise) on
 one batch of real Omniglot tasks already placed on the devices: the median and the best of
-``--steps`` calls, after a first call that traces and compiles (its time is printed too, no
-persistent cache). ``iteration`` adds drawing the tasks and placing them on the mesh (the
-training loop's whole step). Configs:
+``--steps`` calls, after a first call that traces and compiles (its time, from the first
+round, is printed too). ``iteration`` adds drawing the tasks and placing them on the mesh
+(the training loop's whole step). The device counts run one after another, ``--rounds``
+times (1, 8, 1, 8, ...; later rounds load the compiled programs from a temporary cache),
+and each figure is the median over rounds, so that load from other processes on a shared
+machine hits both alike; the per-round ratios and the load average are printed to judge
+the noise. Configs:
 
   smoke  experiments/configs/smoke.py: MAML, Conv4-16, K=1, 5-way 1-shot 5 query.
   conv4  experiments/configs/omniglot_5w1s.py with MAML: Conv4-64, K=5, 15 query (the
@@ -30,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +67,8 @@ def child(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from mirrormeta import train  # pylint: disable=g-import-not-at-top
 
+  if args.cache_dir:
+    jax.config.update('jax_compilation_cache_dir', args.cache_dir)
   config = _config(args.config, args.meta_batch, args.devices, args.data_dir)
   exp = train.build_experiment(config, splits=('train',))
   runner = train.make_runner(exp)
@@ -92,15 +99,17 @@ def child(args) -> dict:
     iters.append(time.perf_counter() - t)
   return {'config': args.config, 'devices': len(jax.devices()), 'mesh': exp.num_devices,
           'tasks': config.meta_batch, 'first_call_s': first, 'median_s': statistics.median(times),
-          'best_s': min(times), 'iteration_s': statistics.median(iters)}
+          'best_s': min(times), 'iteration_s': statistics.median(iters),
+          'load': round(os.getloadavg()[0], 2)}
 
 
-def run_child(config: str, devices: int, args) -> dict:
+def run_child(config: str, devices: int, args, cache_dir: str) -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   cmd = [sys.executable, '-m', 'benchmarks.devices', '--child', f'--config={config}',
-         f'--devices={devices}', f'--meta_batch={args.meta_batch}', f'--steps={args.steps}']
+         f'--devices={devices}', f'--meta_batch={args.meta_batch}', f'--steps={args.steps}',
+         f'--cache_dir={cache_dir}']
   if args.data_dir:
     cmd.append(f'--data_dir={args.data_dir}')
   p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -115,10 +124,12 @@ def main(argv=None):
   p.add_argument('--devices', default='1,8', help='device counts; the first is the baseline')
   p.add_argument('--meta_batch', type=int, default=8)
   p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--rounds', type=int, default=2)
   p.add_argument('--data_dir', default=None, help='Omniglot folder (default: the config\'s)')
   p.add_argument('--no_save', action='store_true')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--config', help=argparse.SUPPRESS)
+  p.add_argument('--cache_dir', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
     args.devices = int(args.devices)
@@ -126,22 +137,32 @@ def main(argv=None):
     return
   counts = [int(d) for d in args.devices.split(',')]
   rows = []
-  for name in args.configs.split(','):
-    if name not in CONFIGS:
-      sys.exit(f'unknown config {name!r}; choose from {", ".join(CONFIGS)}')
-    res = {n: run_child(name, n, args) for n in counts}
-    base = res[counts[0]]
-    for n in counts:
-      r = res[n]
-      rows.append([name, r['tasks'], n, f'{r["median_s"] * 1e3:.1f}', f'{r["best_s"] * 1e3:.1f}',
-                   f'{r["iteration_s"] * 1e3:.1f}', f'{r["median_s"] / base["median_s"]:.2f}',
-                   f'{r["first_call_s"]:.1f}'])
-      print(f'{name}: {r["tasks"]} tasks on {n} device(s): {r["median_s"] * 1e3:.1f} ms/step '
-            f'(best {r["best_s"] * 1e3:.1f}; with drawing+placing tasks '
-            f'{r["iteration_s"] * 1e3:.1f}); x{r["median_s"] / base["median_s"]:.2f} vs '
-            f'{counts[0]} device(s); first call {r["first_call_s"]:.1f} s', flush=True)
+  with tempfile.TemporaryDirectory(prefix='mirrormeta_devices_') as cache_dir:
+    for name in args.configs.split(','):
+      if name not in CONFIGS:
+        sys.exit(f'unknown config {name!r}; choose from {", ".join(CONFIGS)}')
+      rounds = [{n: run_child(name, n, args, cache_dir) for n in counts}
+                for _ in range(args.rounds)]
+      med = {n: {k: statistics.median(r[n][k] for r in rounds)
+                 for k in ('median_s', 'best_s', 'iteration_s')} for n in counts}
+      base = med[counts[0]]['median_s']
+      for n in counts:
+        m, first = med[n], rounds[0][n]['first_call_s']
+        per_round = [r[n]['median_s'] / r[counts[0]]['median_s'] for r in rounds]
+        loads = [r[n]['load'] for r in rounds]
+        rows.append([name, rounds[0][n]['tasks'], n, f'{m["median_s"] * 1e3:.1f}',
+                     f'{m["best_s"] * 1e3:.1f}', f'{m["iteration_s"] * 1e3:.1f}',
+                     f'{m["median_s"] / base:.2f}',
+                     ' '.join(f'{x:.2f}' for x in per_round), f'{first:.1f}',
+                     ' '.join(f'{x:.1f}' for x in loads)])
+        print(f'{name}: {rounds[0][n]["tasks"]} tasks on {n} device(s): '
+              f'{m["median_s"] * 1e3:.1f} ms/step (best {m["best_s"] * 1e3:.1f}; with '
+              f'drawing+placing tasks {m["iteration_s"] * 1e3:.1f}); x{m["median_s"] / base:.2f} '
+              f'vs {counts[0]} device(s) (per round: {rows[-1][7]}); first call {first:.1f} s; '
+              f'load average {rows[-1][9]}', flush=True)
   header = ['config', 'tasks', 'devices', 'step ms (median)', 'step ms (best)',
-            'iteration ms (median)', f'ratio to {counts[0]} device(s)', 'first call s']
+            'iteration ms (median)', f'ratio to {counts[0]} device(s)', 'ratio per round',
+            'first call s', 'load avg per round']
   table = '\n'.join(['| ' + ' | '.join(header) + ' |', '|---|' + '---:|' * (len(header) - 1)]
                     + ['| ' + ' | '.join(map(str, r)) + ' |' for r in rows])
   print()

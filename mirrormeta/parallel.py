@@ -38,7 +38,9 @@ def maybe_initialize_distributed(config: Any = None) -> bool:
     True if the distributed runtime was initialised.
   """
   settings = dict(getattr(config, 'distributed', None) or {})
-  kwargs = {k: settings.get(k) or os.environ.get(env) for k, env in _ENV.items()}
+  # Explicit None checks: process_id 0 is a valid setting.
+  kwargs = {k: settings[k] if settings.get(k) is not None else os.environ.get(env)
+            for k, env in _ENV.items()}
   kwargs = {k: v for k, v in kwargs.items() if v not in (None, '')}
   if not kwargs and not settings.get('auto'):
     return False
