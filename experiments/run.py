@@ -144,9 +144,11 @@ def main(argv):
   if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     jax.config.update('jax_compilation_cache_dir',
                       str(Path('~/.cache/mirrormeta/jax').expanduser()))
-  from mirrormeta import MirrormetaError, parallel, train  # pylint: disable=g-import-not-at-top
+  from mirrormeta import MirrormetaError, parallel, runtime, train  # pylint: disable=g-import-not-at-top
   try:
     config = load_config()
+    if config.get('retain_freed_memory', True):
+      runtime.retain_freed_memory()
     workdir = _WORKDIR.value or os.path.join('runs', f'{config.name}_{config.algorithm}')
     parallel.maybe_initialize_distributed(config)
     if _EVAL_ONLY.value:

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mirrormeta import conv as conv_lib
+
 PyTree = Any
 
 
@@ -64,7 +66,8 @@ class Conv4(nn.Module):
   def __call__(self, x_NHWC):
     x = x_NHWC
     for _ in range(4):
-      x = nn.Conv(self.filters, (3, 3), padding='SAME')(x)
+      x = nn.Conv(self.filters, (3, 3), padding='SAME',
+                  conv_general_dilated=conv_lib.conv_general_dilated)(x)
       x = nn.BatchNorm(use_running_average=False, momentum=0.0)(x)
       x = max_pool_2x2(nn.relu(x))
     return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))

@@ -51,6 +51,9 @@ Fields (all overridable as ``--config.<field>=<value>``):
   distributed: multi-process settings (mirrormeta.parallel.maybe_initialize_distributed):
     coordinator_address, num_processes, process_id, auto.
   progress: show a progress bar.
+  retain_freed_memory: let glibc's malloc keep freed memory for reuse
+    (mirrormeta.runtime.retain_freed_memory): XLA:CPU otherwise page-faults each step's
+    temporaries in again (Conv4 MAML step 1.45x slower); no effect on other allocators.
 """
 import inspect
 from pathlib import Path
@@ -131,6 +134,7 @@ def get_config(dataset: str = 'miniimagenet') -> ml_collections.ConfigDict:
       num_processes=config_dict.placeholder(int),
       process_id=config_dict.placeholder(int), auto=False))
   c.progress = True
+  c.retain_freed_memory = True
   return c
 
 
