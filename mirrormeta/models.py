@@ -82,10 +82,12 @@ class ResNet12(nn.Module):
   def __call__(self, x_NHWC):
     x = x_NHWC
     bn = lambda: nn.BatchNorm(use_running_average=False, momentum=0.0)
+    conv = lambda w, k: nn.Conv(w, k, padding='SAME', use_bias=False,
+                                conv_general_dilated=conv_lib.conv_general_dilated)
     for width in self.widths:
-      shortcut = bn()(nn.Conv(width, (1, 1), use_bias=False)(x))
+      shortcut = bn()(conv(width, (1, 1))(x))
       for i in range(3):
-        x = bn()(nn.Conv(width, (3, 3), padding='SAME', use_bias=False)(x))
+        x = bn()(conv(width, (3, 3))(x))
         if i < 2:
           x = nn.leaky_relu(x, 0.1)
       x = max_pool_2x2(nn.leaky_relu(x + shortcut, 0.1))
