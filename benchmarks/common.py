@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 import mirrormeta as mm
-from mirrormeta import algorithms, models
+from mirrormeta import algorithms, models, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'
@@ -71,6 +71,15 @@ SHAPES = {
     'omniglot': Shape('omniglot', (28, 28, 1), 64),   # Omniglot-shaped, Conv4-64
     'mini': Shape('mini', (84, 84, 3), 32),           # miniImageNet-shaped, Conv4-32
 }
+
+
+def setup(no_cache: bool = False, default_malloc: bool = False) -> None:
+  """What every benchmark does first: the persistent compilation cache, and glibc malloc
+  retention (``mirrormeta.runtime.retain_freed_memory``) as the runner has it."""
+  if not no_cache:
+    enable_compilation_cache()
+  if not default_malloc:
+    runtime.retain_freed_memory()
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
@@ -142,12 +151,13 @@ def random_tasks(shape: Shape, seed: int = 0, tasks: int = TASKS):
 
 
 def make_step(algorithm: str, shape: Shape, steps: int, strategy: mm.Strategy | None = None,
-              first_order: bool | None = None, inner_lr: float = INNER_LR):
+              first_order: bool | None = None, inner_lr: float = INNER_LR,
+              conv: str = 'mirrormeta'):
   """(meta: MetaStep, theta: MetaParams, support, query, first_order) as the runner builds."""
   alg = algorithms.get(algorithm, **({} if first_order is None else
                                      {'first_order': first_order}))
   support, query = random_tasks(shape)
-  model = models.functional(models.Conv4(num_classes=N_WAY, filters=shape.filters),
+  model = models.functional(models.Conv4(num_classes=N_WAY, filters=shape.filters, conv=conv),
                             jnp.zeros(shape.image, jnp.float32)[None])
   meta = mm.make_meta_step(alg.conjugate.apply, models.classification_loss(model.apply),
                            optax.adam(META_LR), steps=steps, lr=inner_lr,
@@ -163,16 +173,18 @@ _BUILT: dict[tuple, Built] = {}
 
 
 def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy | None = None,
-          first_order: bool | None = None, verbose: bool = True) -> Built:
+          first_order: bool | None = None, verbose: bool = True,
+          conv: str = 'mirrormeta') -> Built:
   """Compiles (once per process and configuration) the jitted, state-donating meta-step."""
   shape = SHAPES[shape] if isinstance(shape, str) else shape
   strategy = strategy or mm.default_strategy()
   # Not the Strategy itself: Strategy(unroll=True) == Strategy(unroll=1) (True == 1 in
   # Python), but full unrolling and lax.scan are different programs.
-  key = (algorithm, shape, steps, strategy_key(strategy), first_order)
+  key = (algorithm, shape, steps, strategy_key(strategy), first_order, conv)
   if key in _BUILT and _BUILT[key].compiled is not None:
     return _BUILT[key]
-  meta, theta, support, query, fo = make_step(algorithm, shape, steps, strategy, first_order)
+  meta, theta, support, query, fo = make_step(algorithm, shape, steps, strategy, first_order,
+                                              conv=conv)
   state = jax.jit(meta.init)(theta)
   t = time.perf_counter()
   compiled = jax.jit(meta.step, donate_argnums=0).lower(state, support, query).compile()
@@ -260,7 +272,7 @@ def _read_hwm_kb() -> int | None:
 def _rss_measure(cfg: dict) -> dict:
   """In a fresh process: compile, then reset the RSS high-water mark (Linux
   ``/proc/self/clear_refs`` ← 5) and run the steps; the HWM rise is the steps' peak."""
-  enable_compilation_cache()
+  setup()
   strategy = mm.Strategy(**cfg['strategy'])
   b = build(cfg['algorithm'], cfg['shape'], cfg['steps'], strategy, verbose=False)
   current_kb = int(Path('/proc/self/statm').read_text().split()[1]) * os.sysconf(

@@ -39,10 +39,11 @@ def main(argv=None):
   p.add_argument('--unroll', type=lambda s: [True if x == 'full' else int(x) for x in _csv(s)],
                  default=[1], help="scan unroll values: ints or 'full'")
   p.add_argument('--no_cache', action='store_true')
+  p.add_argument('--default_malloc', action='store_true',
+                 help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")
   p.add_argument('--out', default='memory')
   args = p.parse_args(argv)
-  if not args.no_cache:
-    C.enable_compilation_cache()
+  C.setup(args.no_cache, args.default_malloc)
   env = C.environment()
   print(env)
   shape = C.SHAPES[args.shape]

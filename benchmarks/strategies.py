@@ -36,10 +36,11 @@ def main(argv=None):
   p.add_argument('--strategies', type=lambda s: [_strategy(x) for x in s.split(',') if x],
                  default=[_strategy(x) for x in ('loop:full', 'loop:1', 'vmap:full', 'vmap:1')])
   p.add_argument('--no_cache', action='store_true')
+  p.add_argument('--default_malloc', action='store_true',
+                 help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")
   p.add_argument('--out', default='strategies')
   args = p.parse_args(argv)
-  if not args.no_cache:
-    C.enable_compilation_cache()
+  C.setup(args.no_cache, args.default_malloc)
   env = C.environment()
   print(env)
   default = mm.default_strategy()

@@ -190,10 +190,11 @@ def main(argv=None):
                  help='untimed torch steps per round (each round is a fresh process)')
   p.add_argument('--rss', action='store_true', help='RSS cross-check in fresh processes')
   p.add_argument('--no_cache', action='store_true', help='no persistent compilation cache')
+  p.add_argument('--default_malloc', action='store_true',
+                 help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")
   p.add_argument('--out', default='table5')
   args = p.parse_args(argv)
-  if not args.no_cache:
-    C.enable_compilation_cache()
+  C.setup(args.no_cache, args.default_malloc)
   env = C.environment()
   print(env)
   cmd = 'python -m benchmarks.table5 ' + ' '.join(argv if argv is not None else sys.argv[1:])

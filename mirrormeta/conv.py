@@ -47,7 +47,9 @@ def conv(x_NHWC: jax.Array, w_HWIO: jax.Array) -> jax.Array:
 
 
 def _conv_fwd(x, w):
-  return _lax_conv(x, w), (x, w)
+  # conv, not _lax_conv: under a further derivative (the meta-gradient differentiates
+  # this forward pass too), JAX differentiates fwd with the rules of what it calls.
+  return conv(x, w), (x, w)
 
 
 def _conv_bwd(res, y_bar):
@@ -71,7 +73,7 @@ def wgrad(x_NHWC: jax.Array, g_NHWC: jax.Array, kernel_hw: tuple[int, int]) -> j
 
 
 def _wgrad_fwd(x, g, kernel_hw):
-  return _lax_wgrad(x, g, kernel_hw), (x, g)
+  return wgrad(x, g, kernel_hw), (x, g)
 
 
 def _wgrad_bwd(kernel_hw, res, w_bar):

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from mirrormeta import conv as conv_lib
 
@@ -57,17 +58,25 @@ def max_pool_2x2(x_NHWC: jax.Array) -> jax.Array:
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+# ``conv`` field of the models: how convolutions (and their derivatives) are computed.
+# Default: mirrormeta.conv, whose derivatives of every order stay canonical convolutions
+# (the Conv4 meta-step on XLA:CPU: 0.51 vs 0.63 s with lax's own rules,
+# benchmarks/results/conv_cpu.md); ``lax.conv_general_dilated`` is the plain alternative.
+CONVOLUTIONS = {'mirrormeta': conv_lib.conv_general_dilated, 'lax': lax.conv_general_dilated}
+
+
 class Conv4(nn.Module):
   """Four [conv3x3 → transductive BN → ReLU → max-pool 2x2] blocks and a linear head."""
   num_classes: int
   filters: int = 64
+  conv: str = 'mirrormeta'  # a key of CONVOLUTIONS
 
   @nn.compact
   def __call__(self, x_NHWC):
     x = x_NHWC
     for _ in range(4):
       x = nn.Conv(self.filters, (3, 3), padding='SAME',
-                  conv_general_dilated=conv_lib.conv_general_dilated)(x)
+                  conv_general_dilated=CONVOLUTIONS[self.conv])(x)
       x = nn.BatchNorm(use_running_average=False, momentum=0.0)(x)
       x = max_pool_2x2(nn.relu(x))
     return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
@@ -77,13 +86,14 @@ class ResNet12(nn.Module):
   """ResNet-12: four residual blocks of three 3x3 convs, each block then max-pooled."""
   num_classes: int
   widths: Sequence[int] = (64, 160, 320, 640)
+  conv: str = 'mirrormeta'  # a key of CONVOLUTIONS
 
   @nn.compact
   def __call__(self, x_NHWC):
     x = x_NHWC
     bn = lambda: nn.BatchNorm(use_running_average=False, momentum=0.0)
     conv = lambda w, k: nn.Conv(w, k, padding='SAME', use_bias=False,
-                                conv_general_dilated=conv_lib.conv_general_dilated)
+                                conv_general_dilated=CONVOLUTIONS[self.conv])
     for width in self.widths:
       shortcut = bn()(conv(width, (1, 1))(x))
       for i in range(3):

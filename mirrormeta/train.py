@@ -105,6 +105,8 @@ def check_config(config) -> None:
     _fail('optimizer.decay_factor', o.decay_factor, 'must be in (0, 1]')
   if c.strategy.tasks not in ('auto', 'vmap', 'loop'):
     _fail('strategy.tasks', c.strategy.tasks, "must be 'auto', 'vmap' or 'loop'")
+  if _conv(c) not in models.CONVOLUTIONS:
+    _fail('strategy.conv', _conv(c), f'must be one of {", ".join(models.CONVOLUTIONS)}')
   if c.strategy.unroll < 0:
     _fail('strategy.unroll', c.strategy.unroll, 'must be >= 0 (0: fully unrolled)')
 
@@ -137,12 +139,17 @@ def make_optimizer(opt) -> tuple[optax.GradientTransformation, Callable]:
   return optax.chain(*parts), schedule
 
 
+def _conv(config) -> str:
+  return config.strategy.get('conv', 'mirrormeta')  # runs stored before the field existed
+
+
 def make_model(config, example_x: np.ndarray) -> models.Model:
   """The base learner φ: Conv4, ResNet-12 or MLP, as pure (init, apply)."""
   if config.model == 'conv4':
-    module = models.Conv4(num_classes=config.n_way, filters=config.filters)
+    module = models.Conv4(num_classes=config.n_way, filters=config.filters, conv=_conv(config))
   elif config.model == 'resnet12':
-    module = models.ResNet12(num_classes=config.n_way, widths=tuple(config.resnet_widths))
+    module = models.ResNet12(num_classes=config.n_way, widths=tuple(config.resnet_widths),
+                             conv=_conv(config))
   else:
     module = models.MLP(hidden=tuple(config.mlp_hidden), out=1)
   return models.functional(module, jnp.asarray(example_x)[None])

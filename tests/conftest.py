@@ -7,11 +7,14 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from mirrormeta import runtime  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 # Compiling a Conv4 meta-step takes 15-20 s on a 2-core CPU; the cache makes reruns cheap.
 jax.config.update('jax_compilation_cache_dir', os.environ.get(
     'MIRRORMETA_JAX_CACHE', str(REPO / '.jax_cache')))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+runtime.retain_freed_memory()  # as the runner does: meta-steps run ~1.3x faster on CPU
 
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 

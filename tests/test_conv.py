@@ -1,0 +1,140 @@
+"""mirrormeta.conv (a convolution whose derivatives stay canonical), the ICNN's softplus,
+and the runtime malloc setting."""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mirrormeta import conjugates, conv, models, runtime
+
+
+def _lax_same(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _nested_grads(c, x, w, q):
+  """Value and meta-gradient (second order) of a MAML-like use of convolution c, and a
+  third-order derivative in w."""
+  def inner(w, x):
+    return jnp.sum(jnp.tanh(c(x, w)) * 0.3)
+
+  def outer(w, x):
+    gw, gx = jax.grad(inner, argnums=(0, 1))(w, x)
+    w2, x2 = w - 0.1 * gw, x - 0.1 * gx
+    return jnp.sum(jnp.sin(c(q, w2))) + jnp.sum(jnp.cos(c(x2, w2)))
+
+  value, grads = jax.value_and_grad(outer, argnums=(0, 1))(w, x)
+  third = jax.grad(lambda w: jnp.sum(jax.grad(lambda w: jnp.sum(
+      jax.grad(lambda w: jnp.sum(jnp.tanh(c(x, w))))(w) ** 2))(w) ** 2))(w)
+  return value, grads, third
+
+
+@pytest.mark.parametrize('k', [1, 3, 5])
+def test_conv_equals_lax_to_third_order(k):
+  with jax.enable_x64():
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.standard_normal((3, 7, 6, 4)))   # non-square, odd and even sizes
+    w = jnp.asarray(rng.standard_normal((k, k, 4, 5)))
+    q = jnp.asarray(rng.standard_normal((2, 7, 6, 4)))
+    got = _nested_grads(conv.conv, x, w, q)
+    want = _nested_grads(_lax_same, x, w, q)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _conv_forms(fn, *args) -> set:
+  """The distinct convolution forms (dimension numbers, padding, dilations) in fn's jaxpr."""
+  found = set()
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'conv_general_dilated':
+        p = eqn.params
+        found.add((p['dimension_numbers'], tuple(map(tuple, p['padding'])), p['lhs_dilation'],
+                   p['rhs_dilation'], p['window_strides']))
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (list, tuple)) else [v]):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            visit(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_higher_derivatives_keep_the_forms_of_the_first():
+  """The point of mirrormeta.conv: 2nd and 3rd derivatives of a two-layer net use only the
+  convolution forms of its gradient (lax's own rules add permuted ones at every order)."""
+  x = jnp.ones((2, 6, 6, 3))
+  w = (jnp.ones((3, 3, 3, 4)), jnp.ones((3, 3, 4, 4)))
+  square_sum = lambda g: sum(jnp.sum(a ** 2) for a in g)
+  for c, grows in ((conv.conv, False), (_lax_same, True)):
+    f = lambda w: jnp.sum(jnp.tanh(c(jnp.tanh(c(x, w[0])), w[1])))
+    g1 = jax.grad(f)
+    g2 = jax.grad(lambda w: square_sum(g1(w)))
+    g3 = jax.grad(lambda w: square_sum(g2(w)))
+    forms = [_conv_forms(g, w) for g in (g1, g2, g3)]
+    assert (forms[0] != forms[1] != forms[2]) == grows, (c, [len(f) for f in forms])
+    assert forms[0] <= forms[1] <= forms[2]
+
+
+def test_drop_in_takes_the_fast_path_only_where_it_applies():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  uses_custom = lambda *a, **k: 'custom_vjp' in str(jax.make_jaxpr(
+      lambda x, w: conv.conv_general_dilated(x, w, *a, **k))(x, w))
+  assert uses_custom((1, 1), 'SAME', dimension_numbers=dims)
+  assert uses_custom((1, 1), [(1, 1), (1, 1)], dimension_numbers=dims)
+  cases = [((2, 2), 'SAME', {}), ((1, 1), 'VALID', {}), ((1, 1), 'SAME', {'rhs_dilation': (2, 2)}),
+           ((1, 1), [(0, 2), (1, 1)], {})]
+  for strides, padding, extra in cases:
+    assert not uses_custom(strides, padding, dimension_numbers=dims, **extra)
+    np.testing.assert_array_equal(
+        conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims, **extra),
+        lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims, **extra))
+
+
+def test_conv4_meta_gradient_same_with_either_convolution():
+  """Second-order MAML meta-gradient of Conv4 (transductive BN) with mirrormeta.conv vs lax."""
+  rng = np.random.default_rng(1)
+  xs = jnp.asarray(rng.standard_normal((5, 28, 28, 1)), jnp.float32)
+  xq = jnp.asarray(rng.standard_normal((10, 28, 28, 1)), jnp.float32)
+  ys, yq = jnp.arange(5) % 5, jnp.arange(10) % 5
+  grads = {}
+  for impl in models.CONVOLUTIONS:
+    model = models.functional(models.Conv4(num_classes=5, filters=8, conv=impl), xs[:1])
+    loss = models.classification_loss(model.apply)
+    params = model.init(jax.random.key(0))
+
+    def meta(p):
+      g = jax.grad(lambda p: loss(p, (xs, ys))[0])(p)
+      return loss(jax.tree.map(lambda a, b: a - 0.4 * b, p, g), (xq, yq))[0]
+
+    grads[impl] = jax.jit(jax.grad(meta))(params)
+  for a, b in zip(jax.tree.leaves(grads['mirrormeta']), jax.tree.leaves(grads['lax'])):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_softplus_derivatives_match_jax_nn():
+  # Absolute agreement to a few ε: ½(1 + tanh(x/2)) cancels where σ' or σ'' < ε.
+  with jax.enable_x64():
+    x = jnp.asarray(np.r_[np.linspace(-40, 40, 101), [-1e-3, 0.0, 1e-3, 700.0, -700.0]])
+    for order in range(4):
+      f, g = conjugates.softplus, jax.nn.softplus
+      for _ in range(order):
+        f, g = jax.grad(lambda x, f=f: jnp.sum(f(x))), jax.grad(lambda x, g=g: jnp.sum(g(x)))
+      np.testing.assert_allclose(f(x), g(x), rtol=1e-12, atol=2e-14, err_msg=f'order {order}')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc only')
+def test_retain_freed_memory_applies_once():
+  first = runtime.retain_freed_memory()
+  assert first is runtime.retain_freed_memory()
+  assert isinstance(first, bool)
