@@ -7,7 +7,7 @@
     z = mm.mirror_step(conj.apply, theta_h, z, grads, lr)
     phi_K, info = mm.adapt(conj.apply, theta_h, z0, loss_fn, batch, steps=K, lr=alpha)
 """
-from mirrormeta import conjugates, models
+from mirrormeta import conjugates, models, runtime
 from mirrormeta.core import AdaptInfo, adapt, mirror_step, primal_map
 from mirrormeta.errors import MirrormetaError
 from mirrormeta.meta import (MetaParams, MetaStep, Strategy, TrainState, default_strategy,
@@ -16,5 +16,5 @@ from mirrormeta.meta import (MetaParams, MetaStep, Strategy, TrainState, default
 __all__ = [
     'AdaptInfo', 'MetaParams', 'MetaStep', 'MirrormetaError', 'Strategy', 'TrainState',
     'adapt', 'conjugates', 'default_strategy', 'init_meta_params', 'make_meta_step',
-    'meta_loss', 'mirror_step', 'models', 'primal_map',
+    'meta_loss', 'mirror_step', 'models', 'primal_map', 'runtime',
 ]

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from mirrormeta.errors import MirrormetaError
 
@@ -37,16 +38,6 @@ FREE_FIELDS = frozenset({
 })
 
 
-def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def config_dict(config) -> dict:
   """The config as plain JSON data (tuples become lists)."""
   return json.loads(config.to_json()) if hasattr(config, 'to_json') else json.loads(
@@ -59,7 +50,7 @@ def config_differences(stored: dict, config: dict) -> list[str]:
   Fields absent from the stored config (added to the configs after the run started) are
   not compared.
   """
-  a, b = _flatten(stored), _flatten(config)
+  a, b = (traverse_util.flatten_dict(c, sep='.') for c in (stored, config))
   diffs = []
   for key in sorted(set(a) | set(b)):
     if key.split('.')[0] in FREE_FIELDS or key not in a:

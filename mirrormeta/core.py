@@ -213,8 +213,20 @@ def adapt(h_star: Conjugate, theta_h: PyTree, z0: PyTree, loss_fn: LossFn, batch
 
   if remat:
     step = jax.checkpoint(step)
-  (_, phi_K), (losses, auxs, evs, gnorms, snorms) = jax.lax.scan(
-      step, (z0, phi0), None, length=steps, unroll=unroll)
+  if steps >= 1 and (unroll is True or unroll >= steps):
+    # Fully unrolled: a Python loop, the program lax.scan would unroll to, except at K=1,
+    # where scan lowers to a one-trip while loop whatever `unroll` says; XLA:CPU kept it,
+    # and the layouts inside sent the weight gradients to a generic convolution kernel
+    # (the K=1 meta-step took 1.3x the K=5 one, benchmarks/results/table5_cpu.md).
+    carry, outs = (z0, phi0), []
+    for _ in range(steps):
+      carry, out = step(carry, None)
+      outs.append(out)
+    (_, phi_K), (losses, auxs, evs, gnorms, snorms) = carry, jax.tree.map(
+        lambda *xs: jnp.stack(xs), *outs)
+  else:
+    (_, phi_K), (losses, auxs, evs, gnorms, snorms) = jax.lax.scan(
+        step, (z0, phi0), None, length=steps, unroll=unroll)
 
   # The loss after the last step: the K+1-th point of the adaptation curve.
   loss_K, aux_K, ev_K = evaluate(phi_K)

@@ -312,16 +312,6 @@ def run_local(runs: Sequence[Run], train_fn: Callable | None = None,
 # --------------------------------------------------------------------------- aggregation
 
 
-def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def _read_json(path: Path) -> dict | None:
   try:
     return json.loads(path.read_text())
@@ -337,6 +327,7 @@ def collect(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
     results or None) and the swept fields (the plan's, or without a plan the config fields
     whose values differ between runs).
   """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   root = Path(root).expanduser()
   if not root.is_dir():
     raise MirrormetaError(f'--root {root} does not exist')
@@ -352,7 +343,7 @@ def collect(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
     results = _read_json(workdir / RESULTS_FILE)
     config = _read_json(workdir / 'config.json')
     if config is not None:
-      configs[name] = _flatten(config)
+      configs[name] = traverse_util.flatten_dict(config, sep='.')
     status = ('done' if results is not None else 'started' if config is not None
               else 'not started')
     rows.append({'name': name, 'workdir': workdir, 'status': status, 'results': results,

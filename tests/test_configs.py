@@ -122,6 +122,7 @@ def test_bad_command_lines():
     ('optimizer.name', 'rmsprop', r"config.optimizer.name='rmsprop' is unknown"),
     ('optimizer.lr', 0.0, r'config.optimizer.lr=0.0 must be > 0'),
     ('strategy.tasks', 'pmap', r"config.strategy.tasks='pmap' must be"),
+    ('strategy.conv', 'fft', r"config.strategy.conv='fft' must be one of mirrormeta, lax"),
 ])
 def test_impossible_settings_are_refused(field, value, match):
   c = parse('--config=mini_1shot')
