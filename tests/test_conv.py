@@ -123,7 +123,6 @@ def test_conv4_meta_gradient_same_with_either_convolution():
 
 
 def test_softplus_derivatives_match_jax_nn():
-  # Absolute agreement to a few ε: ½(1 + tanh(x/2)) cancels where σ' or σ'' < ε.
   with jax.enable_x64():
     x = jnp.asarray(np.r_[np.linspace(-40, 40, 101), [-1e-3, 0.0, 1e-3, 700.0, -700.0]])
     for order in range(4):
