@@ -147,10 +147,12 @@ def main(argv):
   from mirrormeta import MirrormetaError, parallel, runtime, train  # pylint: disable=g-import-not-at-top
   try:
     config = load_config()
-    if config.get('retain_freed_memory', True):
+    parallel.maybe_initialize_distributed(config)
+    # Single-process runs only: with one malloc arena, multi-process runs' orbax commit
+    # barriers timed out once in CI (not understood yet; see the issue note).
+    if config.get('retain_freed_memory', True) and jax.process_count() == 1:
       runtime.retain_freed_memory()
     workdir = _WORKDIR.value or os.path.join('runs', f'{config.name}_{config.algorithm}')
-    parallel.maybe_initialize_distributed(config)
     if _EVAL_ONLY.value:
       results = train.evaluate_checkpoint(config, workdir)
     else:
