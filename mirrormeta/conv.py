@@ -100,14 +100,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   odd kernels and 'SAME' padding (every convolution of Conv4 and ResNet-12), and
   ``lax.conv_general_dilated`` for anything else.
   """
-  if lhs.ndim != 4 or rhs.ndim != 4:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    batch_group_count, precision, preferred_element_type)
   kernel_hw = tuple(rhs.shape[:2])
-  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS)
-  fast = (dimension_numbers is not None
-          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+  fast = (lhs.ndim == 4 and rhs.ndim == 4 and dimension_numbers is not None
+          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS)
           and tuple(window_strides) == (1, 1) and all(k % 2 for k in kernel_hw)
           and _is_same(padding, kernel_hw)
           and not any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))

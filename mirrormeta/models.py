@@ -60,7 +60,7 @@ def max_pool_2x2(x_NHWC: jax.Array) -> jax.Array:
 
 # ``conv`` field of the models: how convolutions (and their derivatives) are computed.
 # Default: mirrormeta.conv, whose derivatives of every order stay canonical convolutions
-# (the Conv4 meta-step on XLA:CPU: 0.51 vs 0.63 s with lax's own rules,
+# (the Conv4 MAML K=5 meta-step on XLA:CPU: 0.34 vs 0.50 s with lax's own rules,
 # benchmarks/results/conv_cpu.md); ``lax.conv_general_dilated`` is the plain alternative.
 CONVOLUTIONS = {'mirrormeta': conv_lib.conv_general_dilated, 'lax': lax.conv_general_dilated}
 

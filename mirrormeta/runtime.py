@@ -22,8 +22,8 @@ def retain_freed_memory() -> bool:
   ~400 MB for a Conv4 meta-step). By default glibc serves blocks over 32 MB with a fresh
   ``mmap`` and unmaps them on ``free``, and trims the heap top, so every meta-step
   page-faults its whole working set in again: on the Conv4 MAML step that was a third of
-  the time (0.51 → 0.35 s/step; writing 33 MB of new buffer 27 → 4 ms;
-  benchmarks/results/table5_cpu.md). With mmap off, no trimming and one arena, the second
+  the time (0.45 → 0.34 s/step; writing 33 MB of new buffer 27 → 4 ms;
+  benchmarks/results/conv_cpu.md). With mmap off, no trimming and one arena, the second
   step reuses the first one's pages. Cost: resident memory stays at its high-water mark,
   which a training process reaches anyway. Other allocators (tcmalloc, jemalloc via
   ``LD_PRELOAD``) cache freed memory themselves; this is then a harmless no-op.

@@ -54,7 +54,7 @@ Fields (all overridable as ``--config.<field>=<value>``):
   progress: show a progress bar.
   retain_freed_memory: let glibc's malloc keep freed memory for reuse
     (mirrormeta.runtime.retain_freed_memory): XLA:CPU otherwise page-faults each step's
-    temporaries in again (Conv4 MAML step 1.45x slower); no effect on other allocators.
+    temporaries in again (Conv4 MAML step 1.34x slower); no effect on other allocators.
 """
 import inspect
 from pathlib import Path
