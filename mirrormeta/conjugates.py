@@ -20,11 +20,14 @@ icnn        Σ_i (μ+λ)/2 z_i² + ICNN(z_i), ICNN convex     MetaMiDA
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax.custom_derivatives import SymbolicZero
 
 from mirrormeta.errors import MirrormetaError
 
@@ -218,29 +221,63 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
       a = sigma(_matvec(w, a) + b * u1 + c)
     return jnp.sum(q['out'] * a, axis=-1)
 
-  def per_coordinate(p, x):
-    """Block p's constrained parameters for each coordinate of x, leaves [x.size, ...].
+  def network_slope(q, u):
+    """d/du vᵀ a_depth(u) per coordinate, by the chain rule carried forward (σ' = sigmoid):
 
-    Adds 'slope0' = ICNN'(0) per block: the affine term −u·ICNN'(0) (convexity and
-    curvature unchanged) pins ∇h*(0) = 0, so the map is ≈ identity at init rather than
-    identity plus an offset.
+        s_1 = B_0 u + c_0,                    s_1' = B_0
+        s_{i+1} = W_i σ(s_i) + B_i u + c_i,   s_{i+1}' = W_i (σ'(s_i) ⊙ s_i') + B_i
+        (vᵀ a_depth)' = vᵀ (σ'(s_depth) ⊙ s_depth')
     """
-    q = constrained(p)
-    zeros = jnp.zeros(jnp.shape(q['quad']))
-    q['slope0'] = jax.jvp(lambda u0: network(q, u0), (zeros,), (jnp.ones_like(zeros),))[1]
-    group_ndim = jnp.ndim(q['quad'])
-    def expand(a):
-      trailing = jnp.shape(a)[group_ndim:]
-      return jnp.broadcast_to(a, jnp.shape(x) + trailing).reshape((jnp.size(x),) + trailing)
-    return jax.tree.map(expand, q)
+    u1 = u[..., None]
+    s, ds = q['skip'][0] * u1 + q['bias'][0], q['skip'][0]
+    for w, b, c in zip(q['hidden'], q['skip'][1:], q['bias'][1:]):
+      s, ds = (_matvec(w, sigma(s)) + b * u1 + c,
+               _matvec(w, jax.nn.sigmoid(s) * ds) + b)
+    return jnp.sum(q['out'] * jax.nn.sigmoid(s) * ds, axis=-1)
 
-  def apply(theta_h, z):
-    # One network over all coordinates, not one per tensor: per-tensor evaluation issued
-    # ~20 small kernels per tensor and map, and on XLA:CPU their fixed cost dominated.
+  def block(p):
+    """Block p's constrained parameters, plus 'slope0' = ICNN'(0): the affine term
+    −u·ICNN'(0) (convexity and curvature unchanged) pins ∇h*(0) = 0, so the map is
+    ≈ identity at init rather than identity plus an offset."""
+    q = constrained(p)
+    q['slope0'] = network_slope(q, jnp.zeros(jnp.shape(q['quad'])))
+    return q
+
+  def value(q, x):
+    return jnp.sum(0.5 * q['quad'] * jnp.square(x) + network(q, x) - q['slope0'] * x)
+
+  def slope(q, x):
+    """∂h*/∂x per coordinate (h* is a sum of scalar functions): φ = ∇h*(z) on tensor x."""
+    return q['quad'] * x + network_slope(q, x) - q['slope0']
+
+  # Per tensor, its blocks' parameters broadcast against it, rather than one flat vector of
+  # all coordinates with per-coordinate copies of the parameters: the copies' cotangents
+  # (params × width floats per inner step and task) dominated MetaMiDA's meta-step on CPU.
+  def h_star(theta_h, z):
+    return sum(value(block(p), x) for p, x in _matched(theta_h, z, 'icnn'))
+
+  apply = jax.custom_jvp(h_star)
+
+  # ∇_z h* = slope, in closed form, rather than reverse mode through the network: the
+  # meta-gradient then differentiates an elementwise map instead of a backward pass (with
+  # the layout above, MetaMiDA's Conv4 meta-step went from 2.5x to 1.3x MAML's on CPU;
+  # benchmarks/results/table5_cpu.md).
+  @functools.partial(apply.defjvp, symbolic_zeros=True)
+  def apply_jvp(primals, tangents):
+    theta_h, z = primals
+    d_theta, d_z = tangents
     pairs = _matched(theta_h, z, 'icnn')
-    u = jnp.concatenate([jnp.ravel(x) for _, x in pairs])
-    q = jax.tree.map(lambda *a: jnp.concatenate(a), *[per_coordinate(p, x) for p, x in pairs])
-    return jnp.sum(0.5 * q['quad'] * jnp.square(u) + network(q, u) - q['slope0'] * u)
+    out = h_star(theta_h, z)
+    d_out = jnp.zeros_like(out)
+    zero = lambda t: isinstance(t, SymbolicZero)
+    if not all(map(zero, jax.tree.leaves(d_theta, is_leaf=zero))):
+      d_theta = jax.tree.map(lambda t, x: jnp.zeros_like(x) if zero(t) else t,
+                             d_theta, theta_h, is_leaf=zero)
+      d_out += jax.jvp(lambda t: h_star(t, z), (theta_h,), (d_theta,))[1]
+    for (p, x), t in zip(pairs, jax.tree.leaves(d_z, is_leaf=zero)):  # z's leaf order
+      if not zero(t):
+        d_out += jnp.vdot(slope(block(p), x), t)
+    return out, d_out
 
   def bounds(theta_h):
     mus, lips = [], []

@@ -194,6 +194,40 @@ def test_icnn_valid_for_any_raw_parameters(seed, log_scale, case):
       assert eig.min() >= mu * (1 - 1e-9) and eig.max() <= lip * (1 + 1e-9)
 
 
+@pytest.mark.parametrize('case', ICNN_CASES, ids=str)
+def test_icnn_closed_form_map_is_the_gradient_of_h_star(case):
+  """The ICNN's ∇_z h* is a hand-derived closed form (custom JVP): check it and its θ_h-
+  and z-derivatives (what the meta-gradient uses) against central differences of h*."""
+  granularity, width, depth = case
+  conj = conjugates.icnn(width=width, depth=depth, granularity=granularity, mu=0.05)
+  with jax.enable_x64(True):
+    theta_h = jax.tree.map(lambda x: x.astype(jnp.float64),
+                           random_raw(conj.init(jax.random.key(0), PARAMS), 1, 1.0))
+    rand = lambda tree, seed: jax.tree.map(
+        lambda x: jax.random.normal(jax.random.key(seed + x.size), x.shape, jnp.float64), tree)
+    z, dz, v = rand(PARAMS, 10), rand(PARAMS, 20), rand(PARAMS, 30)
+    d_theta = rand(theta_h, 40)
+    dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    along = lambda t, d, s: jax.tree.map(lambda x, y: x + s * y, t, d)
+    central = lambda f, t, d, eps=1e-5: (f(along(t, d, eps)) - f(along(t, d, -eps))) / (2 * eps)
+    phi = lambda t, x: mm.primal_map(conj.apply, t, x)
+    # ∇_z h* and ∂h*/∂θ_h
+    np.testing.assert_allclose(dot(phi(theta_h, z), dz),
+                               central(lambda x: conj.apply(theta_h, x), z, dz), rtol=1e-7)
+    np.testing.assert_allclose(dot(jax.grad(conj.apply)(theta_h, z), d_theta),
+                               central(lambda t: conj.apply(t, z), theta_h, d_theta), rtol=1e-7)
+    # derivatives of the map <φ, v> in θ_h and in z (2nd and 3rd derivatives of h*)
+    map_v = lambda t, x: dot(phi(t, x), v)
+    g_theta, g_z = jax.grad(map_v, argnums=(0, 1))(theta_h, z)
+    np.testing.assert_allclose(dot(g_theta, d_theta),
+                               central(lambda t: map_v(t, z), theta_h, d_theta), rtol=1e-6)
+    np.testing.assert_allclose(dot(g_z, dz), central(lambda x: map_v(theta_h, x), z, dz),
+                               rtol=1e-6)
+    hvp = lambda t: dot(jax.jvp(lambda x: phi(t, x), (z,), (dz,))[1], v)
+    np.testing.assert_allclose(dot(jax.grad(hvp)(theta_h), d_theta),
+                               central(hvp, theta_h, d_theta), rtol=1e-5)
+
+
 @pytest.mark.parametrize('granularity', conjugates.GRANULARITIES)
 def test_icnn_starts_near_identity(granularity):
   params = MLP.init(jax.random.key(0))
