@@ -266,17 +266,17 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
   def apply_jvp(primals, tangents):
     theta_h, z = primals
     d_theta, d_z = tangents
-    pairs = _matched(theta_h, z, 'icnn')
-    out = h_star(theta_h, z)
+    blocks = [(block(p), x) for p, x in _matched(theta_h, z, 'icnn')]
+    out = sum(value(q, x) for q, x in blocks)
     d_out = jnp.zeros_like(out)
     zero = lambda t: isinstance(t, SymbolicZero)
     if not all(map(zero, jax.tree.leaves(d_theta, is_leaf=zero))):
       d_theta = jax.tree.map(lambda t, x: jnp.zeros_like(x) if zero(t) else t,
                              d_theta, theta_h, is_leaf=zero)
       d_out += jax.jvp(lambda t: h_star(t, z), (theta_h,), (d_theta,))[1]
-    for (p, x), t in zip(pairs, jax.tree.leaves(d_z, is_leaf=zero)):  # z's leaf order
+    for (q, x), t in zip(blocks, jax.tree.leaves(d_z, is_leaf=zero)):  # z's leaf order
       if not zero(t):
-        d_out += jnp.vdot(slope(block(p), x), t)
+        d_out += jnp.vdot(slope(q, x), t)
     return out, d_out
 
   def bounds(theta_h):
