@@ -73,9 +73,14 @@ SHAPES = {
 }
 
 
-def setup(no_cache: bool = False, default_malloc: bool = False) -> None:
+def setup(no_cache: bool = False, default_malloc: bool = False,
+          low_memory_schedule: bool = False) -> None:
   """What every benchmark does first: the persistent compilation cache, and glibc malloc
-  retention (``mirrormeta.runtime.retain_freed_memory``) as the runner has it."""
+  retention (``mirrormeta.runtime.retain_freed_memory``) as the runner has it; optionally
+  XLA:CPU's memory-ordered scheduler (``mirrormeta.runtime.low_memory_schedule``, the
+  runner's ``config.low_memory_schedule``), which must be set before JAX starts."""
+  if low_memory_schedule:
+    runtime.low_memory_schedule()
   if not no_cache:
     enable_compilation_cache()
   if not default_malloc:
@@ -233,7 +238,8 @@ def environment() -> str:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   return (f'backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax '
           f'{jax.__version__}, {cores} cores available, python {platform.python_version()}, '
-          f'{time.strftime("%Y-%m-%d %H:%M")}')
+          f'{time.strftime("%Y-%m-%d %H:%M")}'
+          + (f', XLA_FLAGS={os.environ["XLA_FLAGS"]}' if os.environ.get('XLA_FLAGS') else ''))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -41,9 +41,11 @@ def main(argv=None):
   p.add_argument('--no_cache', action='store_true')
   p.add_argument('--default_malloc', action='store_true',
                  help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")
+  p.add_argument('--low_memory_schedule', action='store_true',
+                 help="XLA:CPU's memory-ordered scheduler (mirrormeta.runtime.low_memory_schedule)")
   p.add_argument('--out', default='memory')
   args = p.parse_args(argv)
-  C.setup(args.no_cache, args.default_malloc)
+  C.setup(args.no_cache, args.default_malloc, args.low_memory_schedule)
   env = C.environment()
   print(env)
   shape = C.SHAPES[args.shape]

@@ -192,9 +192,11 @@ def main(argv=None):
   p.add_argument('--no_cache', action='store_true', help='no persistent compilation cache')
   p.add_argument('--default_malloc', action='store_true',
                  help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")
+  p.add_argument('--low_memory_schedule', action='store_true',
+                 help="XLA:CPU's memory-ordered scheduler (mirrormeta.runtime.low_memory_schedule)")
   p.add_argument('--out', default='table5')
   args = p.parse_args(argv)
-  C.setup(args.no_cache, args.default_malloc)
+  C.setup(args.no_cache, args.default_malloc, args.low_memory_schedule)
   env = C.environment()
   print(env)
   cmd = 'python -m benchmarks.table5 ' + ' '.join(argv if argv is not None else sys.argv[1:])

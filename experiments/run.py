@@ -147,6 +147,8 @@ def main(argv):
   from mirrormeta import MirrormetaError, parallel, runtime, train  # pylint: disable=g-import-not-at-top
   try:
     config = load_config()
+    if config.get('low_memory_schedule', False):
+      runtime.low_memory_schedule()  # Before the backend starts (in the next line).
     parallel.maybe_initialize_distributed(config)
     # Single-process runs only: with one malloc arena, multi-process runs' orbax commit
     # barriers timed out once in CI (not understood yet; see the issue note).

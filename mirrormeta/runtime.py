@@ -1,4 +1,4 @@
-"""Process-level settings that XLA:CPU meta-steps need to run at full speed.
+"""Process-level settings for XLA:CPU meta-steps: full speed, or less memory.
 
 Each is an explicit call (the runner, the benchmarks and the tests make it): a library
 import should not change how its host process allocates memory.
@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+
+from mirrormeta.errors import MirrormetaError
 
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -44,3 +47,38 @@ def retain_freed_memory() -> bool:
     except OSError:
       pass
   return _applied
+
+
+LOW_MEMORY_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
+def low_memory_schedule() -> None:
+  """Makes XLA:CPU order each compiled program to hold fewer buffers at once, trading time.
+
+  Why: XLA:CPU's default scheduler orders instructions for concurrency and keeps many
+  intermediates live together; its memory-ordered scheduler packs them. On the Conv4
+  meta-step (Omniglot-shaped, K=5, benchmarks/results/table5_lowmem_cpu.md) peak memory
+  falls from 420 to 280 MB (MAML) and from 588 to 301 MB (MetaMiDA), but each step takes
+  ~1.35x longer (MAML 0.35 → 0.47 s in one paired run): so it is off by default, for runs
+  bound by memory (``jax.checkpoint``, ``Strategy(remat=True)``, is the other knob).
+
+  It is an XLA flag because XLA:CPU reads this option only from ``XLA_FLAGS`` (passing it as
+  ``jax.jit(..., compiler_options=...)`` has no effect in jax 0.10), and XLA reads the flags
+  once, when the backend starts: call this before the first JAX computation. No effect on
+  GPU/TPU programs.
+
+  Raises:
+    MirrormetaError: JAX's backends have already started (the flag could not apply).
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  if LOW_MEMORY_FLAG in flags.split():
+    return
+  try:  # No public API tells whether the backends started; without it, skip the check.
+    from jax._src.xla_bridge import backends_are_initialized  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    backends_are_initialized = lambda: False
+  if backends_are_initialized():
+    raise MirrormetaError('low_memory_schedule() must be called before the first JAX '
+                          'computation (XLA reads its flags when the backend starts): call it '
+                          f'first, or set XLA_FLAGS="{LOW_MEMORY_FLAG}" before starting Python')
+  os.environ['XLA_FLAGS'] = f'{flags} {LOW_MEMORY_FLAG}'.strip()
