@@ -4,6 +4,7 @@ config (several processes over loopback; a checkpoint resumed under another devi
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -103,15 +104,27 @@ def run_cli(args, devices=1, processes=1, timeout=600):
   def output(i):
     logs[i].seek(0)
     return logs[i].read()
+
+  def failure(what):
+    # Every process's status, error lines and tail: a crash's cause often shows in the
+    # other process, or above a long thread dump.
+    parts = [what]
+    for i, p in enumerate(procs):
+      text = output(i)
+      errors = [line for line in text.splitlines() if re.search(
+          r'Error|error:|FATAL|^F\d{4} |Check failed|[Tt]erminat|[Bb]arrier', line)]
+      parts.append(f'--- process {i}: returncode {p.poll()}; error lines:\n'
+                   + '\n'.join(errors[-15:]) + f'\n--- its tail:\n{text[-1500:]}')
+    return '\n'.join(parts)
   try:
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs):
       for i, p in enumerate(procs):
-        assert p.poll() in (None, 0), f'process {i} of {len(procs)} failed:\n{output(i)[-3000:]}'
-      assert time.monotonic() < deadline, f'timed out:\n{output(0)[-3000:]}'
+        assert p.poll() in (None, 0), failure(f'process {i} of {len(procs)} failed')
+      assert time.monotonic() < deadline, failure('timed out')
       time.sleep(0.2)
     for i, p in enumerate(procs):
-      assert p.returncode == 0, f'process {i} of {len(procs)} failed:\n{output(i)[-3000:]}'
+      assert p.returncode == 0, failure(f'process {i} of {len(procs)} failed')
     return [output(i) for i in range(len(procs))]
   finally:
     for p in procs:
