@@ -126,12 +126,18 @@ class Checkpoints:
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_mode: str = 'max'):
     self.directory = Path(directory).absolute()
+    # Two managers save concurrently (often at the same step): each needs its own barrier
+    # names across processes, or one's barrier pairs with the other's and a process hangs
+    # in its commit until the distributed shutdown barrier aborts the run.
+    sync = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
     self._latest = ocp.CheckpointManager(
-        self.directory / 'latest', options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+        self.directory / 'latest', options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, multiprocessing_options=sync('latest')))
     self._best = ocp.CheckpointManager(
         self.directory / 'best',
         options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m['value'],
-                                             best_mode=best_mode))
+                                             best_mode=best_mode,
+                                             multiprocessing_options=sync('best')))
 
   def _manager(self, which: str) -> ocp.CheckpointManager:
     if which not in ('latest', 'best'):
