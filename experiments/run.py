@@ -148,7 +148,7 @@ def main(argv):
   try:
     config = load_config()
     if config.get('low_memory_schedule', False):
-      runtime.low_memory_schedule()  # Before the backend starts (in the next line).
+      runtime.low_memory_schedule()  # Before anything below starts the JAX backend.
     parallel.maybe_initialize_distributed(config)
     # Single-process runs only: multi-process runs' orbax commit barriers once timed out in
     # CI with it on. The likely cause, colliding barrier names of the two checkpoint
