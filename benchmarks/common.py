@@ -97,12 +97,12 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
 
 def strategy_label(s: mm.Strategy) -> str:
   unroll = 'full' if s.unroll is True else str(s.unroll)
-  return f'tasks={s.tasks} unroll={unroll} remat={s.remat}'
+  return f'tasks={s.tasks} unroll={unroll} remat={s.remat} map_remat={s.map_remat}'
 
 
 def strategy_key(s: mm.Strategy) -> tuple:
   """A hashable key that tells unroll=True from unroll=1 (equal as Python values)."""
-  return (s.tasks, type(s.unroll).__name__, s.unroll, s.remat)
+  return (s.tasks, type(s.unroll).__name__, s.unroll, s.remat, s.map_remat)
 
 
 def memory_bytes(compiled) -> dict[str, int]:

@@ -251,6 +251,35 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
     """∂h*/∂x per coordinate (h* is a sum of scalar functions): φ = ∇h*(z) on tensor x."""
     return q['quad'] * x + network_slope(q, x) - q['slope0']
 
+  if depth == 1:
+    slope = jax.custom_jvp(slope)
+
+    @slope.defjvp
+    def slope_jvp(primals, tangents):
+      """The map's derivatives at depth 1, where per coordinate (t = σ'(s), d = σ''(s)):
+
+          slope = Q u + Σ_w v_w B_w t_w − slope0,        s_w = B_w u + c_w
+          d slope = (Q + Σ_w v_w B_w² d_w) du + u dQ − d slope0
+                    + Σ_w [(dv_w B_w + v_w dB_w) t_w + (v_w B_w dB_w u + v_w B_w dc_w) d_w]
+
+      The per-block factors (dv B + v dB, ...) are formed before they meet the coordinates,
+      so the meta-gradient's transpose reduces only Σ_u φ̄ t, Σ_u φ̄ u d, Σ_u φ̄ d over
+      coordinates, three reductions with one sigmoid per unit, instead of the chain that
+      reverse mode through ``network_slope`` reduces (Conv4 Omniglot-shaped, K=5, CPU,
+      interleaved: MetaMiDA / MAML step time 1.23 vs 1.28, peak 441 vs 449 MB).
+      """
+      (q, x), (dq, dx) = primals, tangents
+      b, c, v = q['skip'][0], q['bias'][0], q['out']
+      db, dc, dv = dq['skip'][0], dq['bias'][0], dq['out']
+      x1 = x[..., None]
+      t = jax.nn.sigmoid(b * x1 + c)
+      d = t * (1 - t)
+      vb = v * b
+      out = q['quad'] * x + jnp.sum(vb * t, axis=-1) - q['slope0']
+      d_out = ((q['quad'] + jnp.sum(vb * b * d, axis=-1)) * dx + dq['quad'] * x - dq['slope0']
+               + jnp.sum((dv * b + v * db) * t + (vb * db * x1 + vb * dc) * d, axis=-1))
+      return out, d_out
+
   # Per tensor, its blocks' parameters broadcast against it, rather than one flat vector of
   # all coordinates with per-coordinate copies of the parameters: the copies' cotangents
   # (params × width floats per inner step and task) dominated MetaMiDA's meta-step on CPU.

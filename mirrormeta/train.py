@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import mirrormeta as mm
-from mirrormeta import algorithms, checkpoint, data, evaluate, models, parallel
+from mirrormeta import algorithms, checkpoint, core, data, evaluate, models, parallel
 from mirrormeta.errors import MirrormetaError
 
 PyTree = Any
@@ -107,6 +107,9 @@ def check_config(config) -> None:
     _fail('strategy.tasks', c.strategy.tasks, "must be 'auto', 'vmap' or 'loop'")
   if _conv(c) not in models.CONVOLUTIONS:
     _fail('strategy.conv', _conv(c), f'must be one of {", ".join(models.CONVOLUTIONS)}')
+  if c.strategy.get('map_remat', 'auto') not in ('auto',) + core.MAP_REMATS:
+    _fail('strategy.map_remat', c.strategy.map_remat,
+          f"must be 'auto' or one of {', '.join(core.MAP_REMATS)}")
   if c.strategy.unroll < 0:
     _fail('strategy.unroll', c.strategy.unroll, 'must be >= 0 (0: fully unrolled)')
 
@@ -160,8 +163,10 @@ def make_strategy(config) -> mm.Strategy:
   s = config.strategy
   auto = mm.default_strategy()
   tasks = s.tasks if s.tasks != 'auto' else ('vmap' if config.model == 'mlp' else auto.tasks)
+  map_remat = s.get('map_remat', 'auto')  # runs stored before the field existed
   return mm.Strategy(tasks=tasks, unroll=True if s.unroll == 0 else int(s.unroll),
-                     remat=bool(s.remat))
+                     remat=bool(s.remat),
+                     map_remat=auto.map_remat if map_remat == 'auto' else map_remat)
 
 
 def make_sampler(config, split: str):

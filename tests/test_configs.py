@@ -123,6 +123,8 @@ def test_bad_command_lines():
     ('optimizer.lr', 0.0, r'config.optimizer.lr=0.0 must be > 0'),
     ('strategy.tasks', 'pmap', r"config.strategy.tasks='pmap' must be"),
     ('strategy.conv', 'fft', r"config.strategy.conv='fft' must be one of mirrormeta, lax"),
+    ('strategy.map_remat', 'never',
+     r"config.strategy.map_remat='never' must be 'auto' or one of checkpoint, tied"),
 ])
 def test_impossible_settings_are_refused(field, value, match):
   c = parse('--config=mini_1shot')

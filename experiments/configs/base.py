@@ -46,7 +46,9 @@ Fields (all overridable as ``--config.<field>=<value>``):
     depth, mu, bounds, granularity, ...), defaulting to the library's defaults.
   strategy: how tasks and steps execute (mirrormeta.Strategy): tasks auto | vmap | loop
     ('auto': the backend's measured best, vmap for MLPs), unroll (scan unroll of the K
-    steps; 0 = fully unrolled), remat; conv: mirrormeta | lax, how Conv4 / ResNet-12
+    steps; 0 = fully unrolled), remat; map_remat: auto | checkpoint | tied, how the
+    meta-gradient recomputes φ = ∇h*(z) (mirrormeta.core.primal_map; 'auto': the
+    backend's default); conv: mirrormeta | lax, how Conv4 / ResNet-12
     convolutions and their derivatives are computed (mirrormeta.models.CONVOLUTIONS).
   num_devices: devices the meta-batch is split over (0 = all visible; must divide it).
   distributed: multi-process settings (mirrormeta.parallel.maybe_initialize_distributed):
@@ -132,7 +134,7 @@ def get_config(dataset: str = 'miniimagenet') -> ml_collections.ConfigDict:
 
   c.icnn = ml_collections.ConfigDict(icnn_defaults())
   c.strategy = ml_collections.ConfigDict(dict(tasks='auto', unroll=0, remat=False,
-                                             conv='mirrormeta'))
+                                             map_remat='auto', conv='mirrormeta'))
   c.num_devices = 1
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address=config_dict.placeholder(str),
