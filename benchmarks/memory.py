@@ -49,13 +49,13 @@ def main(argv=None):
   env = C.environment()
   print(env)
   shape = C.SHAPES[args.shape]
-  tasks = mm.default_strategy().tasks
+  default = mm.default_strategy()  # the backend's task mapping and map recomputation
   peaks = {}
   for unroll in args.unroll:
     for alg in args.algorithms:
       for remat in (False, True):
         for k in args.ks:
-          b = C.build(alg, shape, k, mm.Strategy(tasks=tasks, unroll=unroll, remat=remat))
+          b = C.build(alg, shape, k, default._replace(unroll=unroll, remat=remat))
           peaks[unroll, alg, remat, k] = b.memory
           b.free()  # Only the accounting is needed; keep the process small.
 
@@ -63,7 +63,8 @@ def main(argv=None):
   lines = [f'# Peak memory vs K, with and without jax.checkpoint ({jax.default_backend()})', '',
            f'`{cmd.strip()}`  ', env, '',
            f'{shape.name}-shaped {shape.image} Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot '
-           f'{C.QUERY} query, {C.TASKS} tasks, second order, tasks={tasks}. Peak = XLA '
+           f'{C.QUERY} query, {C.TASKS} tasks, second order, tasks={default.tasks}, '
+           f'map_remat={default.map_remat}. Peak = XLA '
            'memory_analysis of the compiled step: argument + output + temp − alias (MB); '
            'in parentheses: relative to K=1 of the same row.', '']
   target_lines = []

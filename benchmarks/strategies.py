@@ -23,7 +23,8 @@ from benchmarks import common as C
 
 def _strategy(s: str) -> mm.Strategy:
   tasks, unroll = s.split(':')
-  return mm.Strategy(tasks=tasks, unroll=True if unroll == 'full' else int(unroll))
+  return mm.default_strategy()._replace(tasks=tasks,
+                                        unroll=True if unroll == 'full' else int(unroll))
 
 
 def main(argv=None):

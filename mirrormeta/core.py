@@ -76,7 +76,8 @@ def _remat_grad(h_star: Conjugate) -> Callable:
   Why: the meta-gradient differentiates φ = ∇h*(z), itself a backward pass, so by default
   it keeps every intermediate of h* for each inner step and task (params × width floats
   for an ICNN). Recomputing the map costs a few elementwise passes; storing it cost 1.7x
-  MAML's memory on Conv4 (benchmarks/table5.py).
+  MAML's memory on Conv4 (benchmarks/table5.py). On CPU, XLA drops the barriers that keep
+  the recomputation out of the forward pass: see :func:`_tied_grad`.
   """
   return jax.checkpoint(jax.grad(h_star, argnums=1),
                         policy=jax.checkpoint_policies.nothing_saveable)
@@ -86,12 +87,13 @@ def _tied_grad(h_star: Conjugate) -> Callable:
   """∇_z h* whose backward pass recomputes the map from z only once the cotangent exists.
 
   Why: XLA:CPU removes optimization barriers early in its pipeline, so the recomputation
-  of :func:`_remat_grad` is merged (CSE) with the forward map and its values stay live from
-  the forward to the backward pass. Here the recomputation starts from z + min(|c|, 0),
-  with c one entry of the cotangent: the term is exactly 0 for any c but NaN (which makes
-  the gradient NaN anyway), yet it is a new value that depends on the cotangent, so XLA can
-  neither merge the recomputation with the forward pass nor schedule it before the
-  cotangent. Conv4 Omniglot-shaped meta-step, K=5, CPU: MetaMiDA's peak 649 → 441 MB
+  of :func:`_remat_grad` is merged with (CSE) or placed next to the forward map, and its
+  values stay live from the forward to the backward pass (before the optimizations the
+  program has the barriers; after them, none). Here the recomputation starts from
+  z + min(|c|, 0), with c one entry of the cotangent: the term is exactly 0 for any c but
+  NaN (which makes the gradient NaN anyway), yet it is a new value that depends on the
+  cotangent, so XLA can neither merge the recomputation with the forward pass nor
+  schedule it before the cotangent. Conv4 Omniglot-shaped meta-step, K=5, CPU: MetaMiDA's peak 649 → 441 MB
   (MAML 420). Reverse mode only (a custom VJP): forward-mode users keep 'checkpoint'.
   """
   grad = jax.grad(h_star, argnums=1)
