@@ -150,10 +150,9 @@ def main(argv):
     if config.get('low_memory_schedule', False):
       runtime.low_memory_schedule()  # Before anything below starts the JAX backend.
     parallel.maybe_initialize_distributed(config)
-    # Single-process runs only: multi-process runs' orbax commit barriers once timed out in
-    # CI with it on. The likely cause, colliding barrier names of the two checkpoint
-    # managers, is fixed in mirrormeta/checkpoint.py; re-enable after a multi-process test.
-    if config.get('retain_freed_memory', True) and jax.process_count() == 1:
+    # Multi-process runs too: the orbax commit-barrier timeout once seen with it on came from
+    # the two checkpoint managers' colliding barrier names (fixed in checkpoint.py).
+    if config.get('retain_freed_memory', True):
       runtime.retain_freed_memory()
     workdir = _WORKDIR.value or os.path.join('runs', f'{config.name}_{config.algorithm}')
     if _EVAL_ONLY.value:
