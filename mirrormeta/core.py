@@ -93,8 +93,9 @@ def _tied_grad(h_star: Conjugate) -> Callable:
   z + min(|c|, 0), with c one entry of the cotangent: the term is exactly 0 for any c but
   NaN (which makes the gradient NaN anyway), yet it is a new value that depends on the
   cotangent, so XLA can neither merge the recomputation with the forward pass nor
-  schedule it before the cotangent. Conv4 Omniglot-shaped meta-step, K=5, CPU: MetaMiDA's peak 649 → 441 MB
-  (MAML 420). Reverse mode only (a custom VJP): forward-mode users keep 'checkpoint'.
+  schedule it before the cotangent. Conv4 Omniglot-shaped meta-step, K=5, CPU: MetaMiDA's
+  peak 649 → 441 MB (MAML 420). Reverse mode only (a custom VJP): forward-mode users keep
+  'checkpoint'.
   """
   grad = jax.grad(h_star, argnums=1)
 
