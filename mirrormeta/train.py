@@ -329,7 +329,11 @@ class _Log:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    self.writer = SummaryWriter(str(workdir / 'tensorboard'), purge_step=start or None)
+    # tensorboardX names event files by the second and host only: a run resumed within
+    # the same second as its crash would overwrite the crashed run's file. The sub-second
+    # suffix keeps both, in creation order (readers sort by name).
+    self.writer = SummaryWriter(str(workdir / 'tensorboard'), purge_step=start or None,
+                                filename_suffix=f'.{time.time_ns() % 10**9:09d}')
     c = exp.config
     self.bar = tqdm(total=c.num_steps, initial=start, desc=f'{c.name} {c.algorithm}',
                     unit='step', dynamic_ncols=True, disable=not c.progress, file=sys.stderr,

@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -81,6 +82,17 @@ def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
       for v in event.summary.value:
         out.setdefault(v.tag, {})[event.step] = v.simple_value
   return out
+
+
+def test_logs_opened_within_one_second_keep_both_event_files(tmp_path):
+  """A crash and its resume can open TensorBoard writers in the same second; the resumed
+  run must not overwrite the crashed run's scalars (tensorboardX names files by second)."""
+  config = types.SimpleNamespace(num_steps=4, name='t', algorithm='maml', progress=False)
+  for start, step in ((0, 2), (2, 4)):
+    log = train._Log(tmp_path, types.SimpleNamespace(config=config), start, True)
+    log.scalars(step, {'train/loss': float(step)})
+    log.close()
+  assert tensorboard_scalars(tmp_path)['train/loss'] == {2: 2.0, 4: 4.0}
 
 
 def fail_at(monkeypatch, call, exc=None, poison=False):
