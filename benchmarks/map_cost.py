@@ -19,16 +19,14 @@ import jax.numpy as jnp
 
 import mirrormeta as mm
 from benchmarks import common as C
-from mirrormeta import algorithms, models
+from mirrormeta import algorithms
 
 
 def map_work(shape: C.Shape, maps: int, strategy: mm.Strategy):
   """(compiled fn, args): ``maps`` forward + backward passes of the default ICNN map."""
   conj = algorithms.get('metamida').conjugate
-  model = models.functional(models.Conv4(num_classes=C.N_WAY, filters=shape.filters),
-                            jnp.zeros(shape.image, jnp.float32)[None])
-  params = model.init(jax.random.key(0))
-  theta_h = conj.init(jax.random.key(1), params)
+  _, theta, *_ = C.make_step('metamida', shape, 1)  # the meta-steps' θ_z and θ_h
+  params, theta_h = theta.z, theta.h
   keys = jax.random.split(jax.random.key(2), 2 * maps)
   noise = lambda k: jax.tree.map(lambda x: 0.1 * jax.random.normal(k, x.shape), params)
   zs = [jax.tree.map(jnp.add, params, noise(k)) for k in keys[:maps]]
@@ -65,7 +63,8 @@ def main():
   def run_map():
     jax.block_until_ready(compiled(*work_args))
 
-  times = C.time_interleaved({'maml': maml.run, 'metamida': mida.run, 'map': run_map},
+  map_label = f'{maps} maps forward + backward'
+  times = C.time_interleaved({'maml': maml.run, 'metamida': mida.run, map_label: run_map},
                              repeats=args.repeats, warmup=2)
   per_round = lambda a, b: C.median([x / y for x, y in zip(times[a], times[b])])
   rows = [[name, f'{C.median(ts):.3f}', f'{per_round(name, "maml"):.3f}']
@@ -74,8 +73,7 @@ def main():
       f'### The ICNN map alone vs the meta-steps: {shape.name}-shaped Conv4-{shape.filters}, '
       f'K={args.steps}, {C.TASKS} tasks, strategy [{C.strategy_label(strategy)}]', '',
       C.environment(), '',
-      C.markdown_table(['work', 's (median)', '/ MAML step (per round)'], [
-          [r[0].replace('map', f'{maps} maps forward + backward'), r[1], r[2]] for r in rows]),
+      C.markdown_table(['work', 's (median)', '/ MAML step (per round)'], rows),
       '', f'The maps alone: {cost.get("flops", 0) / 1e9:.2f} GFLOP, '
       f'{cost.get("bytes accessed", 0) / 1e9:.2f} GB accessed (XLA cost analysis).', ''])
   print(text)

@@ -107,8 +107,8 @@ def check_config(config) -> None:
     _fail('strategy.tasks', c.strategy.tasks, "must be 'auto', 'vmap' or 'loop'")
   if _conv(c) not in models.CONVOLUTIONS:
     _fail('strategy.conv', _conv(c), f'must be one of {", ".join(models.CONVOLUTIONS)}')
-  if c.strategy.get('map_remat', 'auto') not in ('auto',) + core.MAP_REMATS:
-    _fail('strategy.map_remat', c.strategy.map_remat,
+  if _map_remat(c) not in ('auto',) + core.MAP_REMATS:
+    _fail('strategy.map_remat', _map_remat(c),
           f"must be 'auto' or one of {', '.join(core.MAP_REMATS)}")
   if c.strategy.unroll < 0:
     _fail('strategy.unroll', c.strategy.unroll, 'must be >= 0 (0: fully unrolled)')
@@ -146,6 +146,10 @@ def _conv(config) -> str:
   return config.strategy.get('conv', 'mirrormeta')  # runs stored before the field existed
 
 
+def _map_remat(config) -> str:
+  return config.strategy.get('map_remat', 'auto')  # runs stored before the field existed
+
+
 def make_model(config, example_x: np.ndarray) -> models.Model:
   """The base learner φ: Conv4, ResNet-12 or MLP, as pure (init, apply)."""
   if config.model == 'conv4':
@@ -163,7 +167,7 @@ def make_strategy(config) -> mm.Strategy:
   s = config.strategy
   auto = mm.default_strategy()
   tasks = s.tasks if s.tasks != 'auto' else ('vmap' if config.model == 'mlp' else auto.tasks)
-  map_remat = s.get('map_remat', 'auto')  # runs stored before the field existed
+  map_remat = _map_remat(config)
   return mm.Strategy(tasks=tasks, unroll=True if s.unroll == 0 else int(s.unroll),
                      remat=bool(s.remat),
                      map_remat=auto.map_remat if map_remat == 'auto' else map_remat)
