@@ -157,7 +157,8 @@ def test_logsumexp_conjugate_is_exponentiated_gradient():
 # ------------------------------------------------------------------------------- ICNN
 
 
-ICNN_CASES = [('tensor', 8, 2), ('channel', 4, 3), ('coordinate', 3, 1), ('channel', 8, 1)]
+ICNN_CASES = [('tensor', 8, 2), ('channel', 4, 3), ('coordinate', 3, 1), ('channel', 8, 1),
+              ('tensor', 5, 1)]
 PARAMS = {'a': {'kernel': jnp.zeros((2, 3))}, 'b': jnp.zeros((3,))}
 
 
