@@ -35,10 +35,11 @@ def map_work(shape: C.Shape, maps: int, strategy: mm.Strategy):
   def work(theta_h, zs, cts):
     total = None
     for z, ct in zip(zs, cts):  # unrolled, as the CPU strategy unrolls tasks and steps
-      _, vjp = jax.vjp(lambda t, x: mm.primal_map(conj.apply, t, x,
-                                                  remat=strategy.map_remat), theta_h, z)
-      grads = vjp(ct)
-      total = grads if total is None else jax.tree.map(jnp.add, total, grads)
+      phi, vjp = jax.vjp(lambda t, x: mm.primal_map(conj.apply, t, x,
+                                                    remat=strategy.map_remat), theta_h, z)
+      # φ is returned too: unused, XLA would drop the forward map.
+      out = (phi, *vjp(ct))
+      total = out if total is None else jax.tree.map(jnp.add, total, out)
     return total
 
   args = (theta_h, zs, cts)
