@@ -272,7 +272,7 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
       linear in dq are contractions (:func:`_contract_units`), so the transpose reduces
       each over the coordinates as a dot rather than a broadcast product, and the
       coefficient of dx sums its units in the loop that computes them (:func:`_sum_units`):
-      with the tied map, 1.19 vs 1.22 and 432.6 vs 440.6 MB (MAML 419.6); with the forward
+      with the tied map, 1.17-1.19 vs 1.22 and 432.6 vs 440.6 MB (MAML 419.6); with the forward
       map's sum over units a contraction too, 1.14 and 431.7 MB.
       """
       (q, x), (dq, dx) = primals, tangents
