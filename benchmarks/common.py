@@ -233,6 +233,21 @@ def median(xs: Sequence[float]) -> float:
   return statistics.median(xs) if xs else float('nan')
 
 
+def ratio_interval(a: Sequence[float], b: Sequence[float],
+                   confidence: float = 0.95) -> tuple[float, float, float]:
+  """(median, low, high) of the per-round ratios a[i] / b[i]: their median and a
+  distribution-free confidence interval for it (order statistics, scipy's
+  ``quantile_test``). Rounds pair the two so that load hitting a round hits both; the
+  interval says whether a ratio's distance from a target is more than the machine's noise.
+  low and high are nan when there are too few rounds for that confidence (< 6 at 95%).
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  ratios = np.asarray(a, np.float64) / np.asarray(b, np.float64)
+  mid = float(np.median(ratios))
+  ci = stats.quantile_test(ratios, q=mid, p=0.5).confidence_interval(confidence)
+  return mid, float(ci.low), float(ci.high)
+
+
 def environment() -> str:
   import platform  # pylint: disable=g-import-not-at-top
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()

@@ -67,14 +67,15 @@ def main():
   map_label = f'{maps} maps forward + backward'
   times = C.time_interleaved({'maml': maml.run, 'metamida': mida.run, map_label: run_map},
                              repeats=args.repeats, warmup=2)
-  per_round = lambda a, b: C.median([x / y for x, y in zip(times[a], times[b])])
-  rows = [[name, f'{C.median(ts):.3f}', f'{per_round(name, "maml"):.3f}']
-          for name, ts in times.items()]
+  def per_round(name):
+    mid, lo, hi = C.ratio_interval(times[name], times['maml'])
+    return f'{mid:.3f}' + ('' if lo != lo else f' [{lo:.3f}, {hi:.3f}]')
+  rows = [[name, f'{C.median(ts):.3f}', per_round(name)] for name, ts in times.items()]
   text = '\n'.join([
       f'### The ICNN map alone vs the meta-steps: {shape.name}-shaped Conv4-{shape.filters}, '
       f'K={args.steps}, {C.TASKS} tasks, strategy [{C.strategy_label(strategy)}]', '',
       C.environment(), '',
-      C.markdown_table(['work', 's (median)', '/ MAML step (per round)'], rows),
+      C.markdown_table(['work', 's (median)', '/ MAML step (per round; 95% CI)'], rows),
       '', f'The maps alone: {cost.get("flops", 0) / 1e9:.2f} GFLOP, '
       f'{cost.get("bytes accessed", 0) / 1e9:.2f} GB accessed (XLA cost analysis).', ''])
   print(text)
