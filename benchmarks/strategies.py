@@ -54,7 +54,7 @@ def main(argv=None):
   built = {key(s): C.build(args.algorithm, shape, args.steps, s) for s in strategies}
   times = C.time_interleaved({k: b.run for k, b in built.items()}, repeats=args.repeats,
                              warmup=args.warmup)
-  rel = {k: C.median([a / d for a, d in zip(times[k], times[key(default)])]) for k in built}
+  rel = {k: C.ratio_interval(times[k], times[key(default)])[0] for k in built}
   rows = [[f'`{s.tasks}`', 'full' if s.unroll is True else s.unroll,
            'yes' if key(s) == key(default) else '', f'{C.median(times[key(s)]):.3f}',
            f'{min(times[key(s)]):.3f}', f'{rel[key(s)]:.2f}',

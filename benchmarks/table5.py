@@ -35,10 +35,6 @@ def _csv(s):
   return [x for x in s.split(',') if x]
 
 
-def _ratio_per_round(a, b):
-  return C.median([x / y for x, y in zip(a, b)])
-
-
 def run_shape(shape, algorithms, ks, args):
   """Builds, times and sizes one shape's grid; returns (rows, torch results, text)."""
   print(f'\n== {shape.name}: image {shape.image}, Conv4-{shape.filters}, {C.N_WAY}-way '
@@ -95,7 +91,7 @@ def report_shape(shape, algorithms, ks, built, times, torch_times, torch_rss, to
     for alg in algorithms:
       cells = []
       for k in ks:
-        t = _ratio_per_round(times[alg, k], times[ref_key])
+        t = C.ratio_interval(times[alg, k], times[ref_key])[0]
         m = built[alg, k].memory['peak'] / ref_m
         cells.append(f'{t:.2f} / {m:.2f}')
       rows.append([alg] + cells)
@@ -106,7 +102,7 @@ def report_shape(shape, algorithms, ks, built, times, torch_times, torch_rss, to
     for k in ks:
       b, ts = built[alg, k], times[alg, k]
       rows.append([alg, k, f'{C.median(ts):.3f}', f'{min(ts):.3f}',
-                   f'{_ratio_per_round(ts, times[ref_key]):.3f}' if ref_key else '-',
+                   f'{C.ratio_interval(ts, times[ref_key])[0]:.3f}' if ref_key else '-',
                    f'{C.mb(b.memory["peak"]):.1f}', f'{C.mb(b.memory["temp"]):.1f}',
                    f'{b.memory["peak"] / ref_m:.3f}' if ref_key else '-',
                    f'{b.compile_s:.0f}'])
