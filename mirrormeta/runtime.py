@@ -12,7 +12,7 @@ import sys
 
 from mirrormeta.errors import MirrormetaError
 
-# mallopt(3) parameters (glibc's malloc.h).
+# mallopt(3) parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 _applied: bool | None = None
@@ -26,10 +26,14 @@ def retain_freed_memory() -> bool:
   ``mmap`` and unmaps them on ``free``, and trims the heap top, so every meta-step
   page-faults its whole working set in again: on the Conv4 MAML step that was a third of
   the time (0.45 → 0.34 s/step; writing 33 MB of new buffer 27 → 4 ms;
-  benchmarks/results/conv_cpu.md). With mmap off, no trimming and one arena, the second
-  step reuses the first one's pages. Cost: resident memory stays at its high-water mark,
-  which a training process reaches anyway. Other allocators (tcmalloc, jemalloc via
-  ``LD_PRELOAD``) cache freed memory themselves; this is then a harmless no-op.
+  benchmarks/results/conv_cpu.md). With mmap off, trimming off and one arena, the second
+  step reuses the first one's pages. Trimming is off entirely (threshold −1, i.e. never)
+  rather than at the largest finite threshold (2 GB): with several ~1.4-1.9 GB
+  miniImageNet-shaped steps in one process the free heap top passed 2 GB, glibc gave it
+  back, and a third of the steps faulted 1.4 GB in again (MAML K=1 0.80 → 1.1-1.5 s/step).
+  Cost: resident memory stays at its high-water mark, which a training process reaches
+  anyway. Other allocators (tcmalloc, jemalloc via ``LD_PRELOAD``) cache freed memory
+  themselves; this is then a harmless no-op.
 
   Returns:
     True if applied (Linux with glibc; idempotent), False where there is no glibc malloc.
@@ -43,7 +47,7 @@ def retain_freed_memory() -> bool:
       libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
       if hasattr(libc, 'gnu_get_libc_version') and hasattr(libc, 'mallopt'):
         _applied = all(libc.mallopt(p, v) == 1 for p, v in
-                       ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1)))
+                       ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1)))
     except OSError:
       pass
   return _applied
