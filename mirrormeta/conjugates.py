@@ -251,7 +251,29 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
 
   def slope(q, x):
     """∂h*/∂x per coordinate (h* is a sum of scalar functions): φ = ∇h*(z) on tensor x."""
+    if depth == 1 and x.ndim <= 1:
+      return vector_slope(q, x, jax.nn.sigmoid(q['skip'][0] * x[..., None] + q['bias'][0]))
     return q['quad'] * x + network_slope(q, x) - q['slope0']
+
+  def vector_slope(q, x, t):
+    """Depth 1's map Q u + Σ_w v_w B_w t_w − slope0 on a vector (bias, normalisation scale),
+    given t_w = σ'(B_w u + c_w), as one contraction of the units [t, u, 1] with
+    [v B, Q, −slope0].
+
+    Why: such a φ is broadcast over a layer's activations, and XLA:CPU fuses elementwise
+    producers into their consumers, so as Q u + (contraction) − slope0 the map's vector
+    arithmetic (Q = μ + softplus(Q̂) included) was redone for every activation element: 28
+    such ops per element in the query set's batch-norm gradients, MAML's φ = z − α g 17. A
+    contraction's output is computed once. Conv4 Omniglot-shaped, CPU: the vector work
+    redone per element over the K=1 program fell from 2152M to 617M element-ops (MAML 1007M);
+    MetaMiDA / MAML step time, interleaved, 1.100 → 1.072 at K=1 (15 rounds), 1.157 → 1.117
+    at K=5 (15 rounds).
+    """
+    one = jnp.ones_like(x)[..., None]
+    return _contract_units(
+        jnp.concatenate([t, x[..., None], one], axis=-1),
+        jnp.concatenate([q['out'] * q['skip'][0], q['quad'][..., None],
+                         -q['slope0'][..., None]], axis=-1))
 
   if depth == 1:
     slope = jax.custom_jvp(slope)
@@ -283,7 +305,8 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
       t = jax.nn.sigmoid(b * x1 + c)
       d = t * (1 - t)
       vb = v * b
-      out = q['quad'] * x + _contract_units(t, vb) - q['slope0']
+      out = (vector_slope(q, x, t) if x.ndim <= 1
+             else q['quad'] * x + _contract_units(t, vb) - q['slope0'])
       # The map's curvature Σ_w v_w B_w² d_w, the coefficient of dx (see _sum_units for why
       # two forms).
       curv = _contract_units(d, vb * b) if x.ndim <= 1 else _sum_units(vb * b * d)
