@@ -74,13 +74,16 @@ SHAPES = {
 
 
 def setup(no_cache: bool = False, default_malloc: bool = False,
-          low_memory_schedule: bool = False) -> None:
+          low_memory_schedule: bool = False, threaded_convolutions: bool = False) -> None:
   """What every benchmark does first: the persistent compilation cache, and glibc malloc
   retention (``mirrormeta.runtime.retain_freed_memory``) as the runner has it; optionally
-  XLA:CPU's memory-ordered scheduler (``mirrormeta.runtime.low_memory_schedule``, the
-  runner's ``config.low_memory_schedule``), which must be set before JAX starts."""
+  XLA:CPU's memory-ordered scheduler (``mirrormeta.runtime.low_memory_schedule``) or its
+  own convolutions (``mirrormeta.runtime.threaded_convolutions``), the runner's config
+  fields of the same names, which must be set before JAX starts."""
   if low_memory_schedule:
     runtime.low_memory_schedule()
+  if threaded_convolutions:
+    runtime.threaded_convolutions()
   if not no_cache:
     enable_compilation_cache()
   if not default_malloc:

@@ -208,9 +208,12 @@ def main(argv=None):
                  help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")
   p.add_argument('--low_memory_schedule', action='store_true',
                  help="XLA:CPU's memory-ordered scheduler (mirrormeta.runtime.low_memory_schedule)")
+  p.add_argument('--threaded_convolutions', action='store_true',
+                 help="XLA:CPU's own convolutions (mirrormeta.runtime.threaded_convolutions)")
   p.add_argument('--out', default='table5')
   args = p.parse_args(argv)
-  C.setup(args.no_cache, args.default_malloc, args.low_memory_schedule)
+  C.setup(args.no_cache, args.default_malloc, args.low_memory_schedule,
+          args.threaded_convolutions)
   env = C.environment()
   print(env)
   cmd = 'python -m benchmarks.table5 ' + ' '.join(argv if argv is not None else sys.argv[1:])

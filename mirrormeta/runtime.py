@@ -54,6 +54,8 @@ def retain_freed_memory() -> bool:
 
 
 LOW_MEMORY_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+THREADED_CONVOLUTIONS_FLAG = ('--xla_cpu_experimental_ynn_fusion_type='
+                              '-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')
 
 
 def low_memory_schedule() -> None:
@@ -66,23 +68,54 @@ def low_memory_schedule() -> None:
   ~1.35x longer (MAML 0.35 → 0.47 s in one paired run): so it is off by default, for runs
   bound by memory (``jax.checkpoint``, ``Strategy(remat=True)``, is the other knob).
 
-  It is an XLA flag because XLA:CPU reads this option only from ``XLA_FLAGS`` (passing it as
-  ``jax.jit(..., compiler_options=...)`` has no effect in jax 0.10), and XLA reads the flags
-  once, when the backend starts: call this before the first JAX computation. No effect on
-  GPU/TPU programs.
+  A process-wide XLA flag because XLA:CPU reads this option only from ``XLA_FLAGS``
+  (``jax.jit(..., compiler_options=...)`` has no effect on it in jax 0.10): call it before
+  the first JAX computation. No effect on GPU/TPU programs.
 
   Raises:
     MirrormetaError: JAX's backends have already started (the flag could not apply).
   """
+  _add_xla_flag(LOW_MEMORY_FLAG, 'low_memory_schedule')
+
+
+def threaded_convolutions() -> None:
+  """Makes XLA:CPU run convolutions in its own multi-threaded kernels instead of YNNPACK's.
+
+  Why: YNNPACK runs each convolution on one thread (a 75-image 84x84x3 → 32 convolution:
+  77 ms on 2 cores, 74 ms on one), so the cores stay busy only while independent
+  convolutions run side by side, and XLA:CPU's executor hands ready work to another thread
+  only when more than 8 thunks are ready. MetaMiDA's miniImageNet-shaped step (84x84x3,
+  Conv4-32) ran its four tasks' query convolutions one after another while the other
+  thread idled. Alternating processes, two each: MetaMiDA / MAML 1.09-1.10 (K=1) and
+  1.12-1.13 (K=5) with YNNPACK, 0.97-1.00 and 1.04 with this, and both steps faster (MAML
+  K=1 0.82-0.85 → 0.71-0.72 s, MetaMiDA 0.90-0.93 → 0.70 s). Not everywhere: with Conv4-64
+  on the same images the two were within noise of each other (one pair slower, one
+  faster), and the Omniglot-shaped steps (28x28x1) took 1.1-1.6x longer with it. So it is
+  off by default; measure your model with it (README, Performance).
+
+  A process-wide XLA flag because its ``-`` form removes convolutions from the YNNPACK
+  fusion types this XLA version enables, while ``jax.jit(..., compiler_options=...)``
+  accepts only an exact list, which would pin the others: call it before the first JAX
+  computation. No effect on GPU/TPU programs.
+
+  Raises:
+    MirrormetaError: JAX's backends have already started (the flag could not apply).
+  """
+  _add_xla_flag(THREADED_CONVOLUTIONS_FLAG, 'threaded_convolutions')
+
+
+def _add_xla_flag(flag: str, caller: str) -> None:
+  """Adds ``flag`` to ``XLA_FLAGS``, refusing once JAX's backends have started (XLA reads
+  the flags once, when the backend starts)."""
   flags = os.environ.get('XLA_FLAGS', '')
-  if LOW_MEMORY_FLAG in flags.split():
+  if flag in flags.split():
     return
   try:  # No public API tells whether the backends started; without it, skip the check.
     from jax._src.xla_bridge import backends_are_initialized  # pylint: disable=g-import-not-at-top
   except ImportError:
     backends_are_initialized = lambda: False
   if backends_are_initialized():
-    raise MirrormetaError('low_memory_schedule() must be called before the first JAX '
-                          'computation (XLA reads its flags when the backend starts): call it '
-                          f'first, or set XLA_FLAGS="{LOW_MEMORY_FLAG}" before starting Python')
-  os.environ['XLA_FLAGS'] = f'{flags} {LOW_MEMORY_FLAG}'.strip()
+    raise MirrormetaError(f'{caller}() must be called before the first JAX computation (XLA '
+                          'reads its flags when the backend starts): call it first, or set '
+                          f'XLA_FLAGS="{flag}" before starting Python')
+  os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()

@@ -192,9 +192,38 @@ def test_low_memory_schedule_reaches_xla_and_lowers_memory():
   assert temp['1'] < 0.98 * temp['0'], temp
 
 
-def test_low_memory_schedule_refused_once_jax_started(monkeypatch):
+@pytest.mark.parametrize('setting', ['low_memory_schedule', 'threaded_convolutions'])
+def test_xla_flag_settings_refused_once_jax_started(monkeypatch, setting):
   monkeypatch.delenv('XLA_FLAGS', raising=False)
   jax.devices()  # the backend has started
-  with pytest.raises(MirrormetaError, match='before the first JAX computation'):
-    runtime.low_memory_schedule()
+  with pytest.raises(MirrormetaError, match=f'{setting}.. must be called before the first JAX'):
+    getattr(runtime, setting)()
   assert 'XLA_FLAGS' not in os.environ
+
+
+# Compiles a Conv4-sized NHWC convolution (YNNPACK leaves tiny ones to XLA) in a fresh
+# process and prints how often its compiled program names a YNNPACK fusion and a
+# convolution; argv[1] == '1' asks for XLA's own convolutions.
+_CONV_CHILD = """import sys
+from mirrormeta import runtime
+if sys.argv[1] == '1':
+  runtime.threaded_convolutions()
+import jax, jax.numpy as jnp
+conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+text = jax.jit(conv).lower(jnp.zeros((8, 28, 28, 64)), jnp.zeros((3, 3, 64, 64))).compile().as_text()
+print(text.count('__ynn_fusion'), text.count('convolution('))
+"""
+
+
+def test_threaded_convolutions_reaches_xla():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  counts = {}
+  for threaded in ('0', '1'):
+    proc = subprocess.run([sys.executable, '-c', _CONV_CHILD, threaded], env=env,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts[threaded] = tuple(int(n) for n in proc.stdout.split()[-2:])
+  # By default the convolution is a YNNPACK fusion; with the flag it is XLA's own.
+  assert counts['0'][0] >= 1 and counts['1'] == (0, 1), counts

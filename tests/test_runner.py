@@ -270,9 +270,10 @@ def test_bad_input_gives_one_error_line(trained, omniglot_dir, tmp_path):
                      'error: flag --config.shot=one: invalid literal for int()'),
       'shot <= 0': (['--config=smoke', '--config.shot=0', f'--workdir={new}'],
                     'error: config.shot=0 must be >= 1'),
-      # With the low-memory schedule on: it must apply before JAX starts, not error out.
+      # With both XLA flag settings on: they must apply before JAX starts, not error out.
       'inner lr <= 0': (['--config=smoke', '--config.inner_lr=-0.5',
-                         '--config.low_memory_schedule=True', f'--workdir={new}'],
+                         '--config.low_memory_schedule=True',
+                         '--config.threaded_convolutions=True', f'--workdir={new}'],
                         'error: config.inner_lr=-0.5 must be > 0'),
       'n_way > split': (['--config=smoke', '--config.n_way=5000', data, f'--workdir={new}'],
                         'error: omniglot/train: n_way=5000 but the split has only 4112 classes'),
