@@ -190,7 +190,7 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
       dear: on the Omniglot-shaped Conv4 meta-step (CPU, K=5, timed interleaved) depth 2
       costs 4.7x MAML's step time and 5.6x its peak memory, depth 1 1.2x and 1.4x (the
       per-coordinate width x width products of the hidden layer dominate; measured before
-      the tied map recomputation and the contractions, after which depth 1 costs 1.08-1.15x
+      the tied map recomputation and the contractions, after which depth 1 costs 1.07-1.15x
       and 1.03x, the time varying between runs on the shared 2-core CPU).
     mu: strong-convexity constant μ > 0.
     hidden_bound, skip_bound, out_bound: M_W, M_B, M_v.
