@@ -179,15 +179,22 @@ print(jax.jit(meta.step).lower(state, xy, xy).compile().memory_analysis().temp_s
 """
 
 
-def test_low_memory_schedule_reaches_xla_and_lowers_memory():
+def _child_output_without_and_with(code: str) -> dict[str, list[str]]:
+  """Runs ``code`` in fresh CPU processes with argv[1] '0' and '1' (no inherited XLA_FLAGS);
+  returns each one's stdout words."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['JAX_PLATFORMS'] = 'cpu'
-  temp = {}
-  for low in ('0', '1'):
-    proc = subprocess.run([sys.executable, '-c', _SCHEDULE_CHILD, low], env=env,
+  out = {}
+  for arg in ('0', '1'):
+    proc = subprocess.run([sys.executable, '-c', code, arg], env=env,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    temp[low] = int(proc.stdout.split()[-1])
+    out[arg] = proc.stdout.split()
+  return out
+
+
+def test_low_memory_schedule_reaches_xla_and_lowers_memory():
+  temp = {k: int(words[-1]) for k, words in _child_output_without_and_with(_SCHEDULE_CHILD).items()}
   # 33.9 vs 31.5 MB when written (Conv4 K=5: 420 vs 280 MB): the flag took effect.
   assert temp['1'] < 0.98 * temp['0'], temp
 
@@ -211,19 +218,14 @@ if sys.argv[1] == '1':
 import jax, jax.numpy as jnp
 conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',
                                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-text = jax.jit(conv).lower(jnp.zeros((8, 28, 28, 64)), jnp.zeros((3, 3, 64, 64))).compile().as_text()
+x, k = jnp.zeros((8, 28, 28, 64)), jnp.zeros((3, 3, 64, 64))
+text = jax.jit(conv).lower(x, k).compile().as_text()
 print(text.count('__ynn_fusion'), text.count('convolution('))
 """
 
 
 def test_threaded_convolutions_reaches_xla():
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
-  counts = {}
-  for threaded in ('0', '1'):
-    proc = subprocess.run([sys.executable, '-c', _CONV_CHILD, threaded], env=env,
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    counts[threaded] = tuple(int(n) for n in proc.stdout.split()[-2:])
+  counts = {k: tuple(int(n) for n in words[-2:])
+            for k, words in _child_output_without_and_with(_CONV_CHILD).items()}
   # By default the convolution is a YNNPACK fusion; with the flag it is XLA's own.
   assert counts['0'][0] >= 1 and counts['1'] == (0, 1), counts
