@@ -131,6 +131,20 @@ def test_retain_freed_memory_applies_once():
   assert isinstance(first, bool)
 
 
+def _child_output_without_and_with(code: str) -> dict[str, list[str]]:
+  """Runs ``code`` in fresh CPU processes with argv[1] '0' and '1' (no inherited XLA_FLAGS);
+  returns each one's stdout words."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  out = {}
+  for arg in ('0', '1'):
+    proc = subprocess.run([sys.executable, '-c', code, arg], env=env,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out[arg] = proc.stdout.split()
+  return out
+
+
 # Allocates, frees and reallocates 2.3 GB in a fresh process and prints the page faults of
 # the second allocation; argv[1] == '1' retains freed memory first.
 _FAULTS_CHILD = """import resource, sys
@@ -148,12 +162,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc only')
 def test_retain_freed_memory_reuses_pages_of_a_freed_slab_over_2gb():
-  faults = {}
-  for retain in ('0', '1'):
-    proc = subprocess.run([sys.executable, '-c', _FAULTS_CHILD, retain], capture_output=True,
-                          text=True, check=False, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    faults[retain] = int(proc.stdout.split()[-1])
+  faults = {k: int(words[-1]) for k, words in _child_output_without_and_with(_FAULTS_CHILD).items()}
   # Default malloc unmaps the slab and faults it in again (~1100 faults with numpy's 2 MB
   # pages, 560k with 4 kB ones); retained, its pages are reused. With a finite trim
   # threshold the heap top (> 2 GB) was given back and faulted in again here too.
@@ -177,20 +186,6 @@ state = meta.init(mm.init_meta_params(conj, model.init(jax.random.key(0)), jax.r
 xy = (jnp.zeros((4, 500, 1)), jnp.zeros((4, 500, 1)))
 print(jax.jit(meta.step).lower(state, xy, xy).compile().memory_analysis().temp_size_in_bytes)
 """
-
-
-def _child_output_without_and_with(code: str) -> dict[str, list[str]]:
-  """Runs ``code`` in fresh CPU processes with argv[1] '0' and '1' (no inherited XLA_FLAGS);
-  returns each one's stdout words."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
-  out = {}
-  for arg in ('0', '1'):
-    proc = subprocess.run([sys.executable, '-c', code, arg], env=env,
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out[arg] = proc.stdout.split()
-  return out
 
 
 def test_low_memory_schedule_reaches_xla_and_lowers_memory():
