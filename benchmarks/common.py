@@ -70,6 +70,7 @@ class Shape(NamedTuple):
 SHAPES = {
     'omniglot': Shape('omniglot', (28, 28, 1), 64),   # Omniglot-shaped, Conv4-64
     'mini': Shape('mini', (84, 84, 3), 32),           # miniImageNet-shaped, Conv4-32
+    'mini64': Shape('mini64', (84, 84, 3), 64),       # the mini_1shot config's Conv4-64
 }
 
 
@@ -134,6 +135,7 @@ class Built:
   query: Any
   compile_s: float          # lower + compile (a persistent-cache hit makes this small)
   memory: dict[str, int]
+  flops: float              # XLA's count of the step's floating-point operations
 
   @property
   def label(self) -> str:
@@ -198,7 +200,7 @@ def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy 
   compiled = jax.jit(meta.step, donate_argnums=0).lower(state, support, query).compile()
   compile_s = time.perf_counter() - t
   b = Built(algorithm, shape, steps, strategy, fo, compiled, state, support, query,
-            compile_s, memory_bytes(compiled))
+            compile_s, memory_bytes(compiled), flop_count(compiled))
   if verbose:
     print(f'  compiled {b.label} [{strategy_label(strategy)}] in {compile_s:.1f} s, '
           f'peak {mb(b.memory.get("peak", 0)):.1f} MB', flush=True)
@@ -206,15 +208,55 @@ def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy 
   return b
 
 
+def flop_count(compiled) -> float:
+  """XLA's cost analysis of a compiled step: its floating-point operations (a multiply-add
+  counts 2; padded taps of a convolution are not counted); nan if the backend has none."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return float('nan')
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def measured_ceilings(size: int = 8192, repeats: int = 10) -> dict[str, float]:
+  """The device's measured rates, the denominators of achieved FLOP/s (datasheet peaks
+  are leads, not facts): a ``size``² float32 matrix product at JAX's default precision
+  (tensor cores' TF32 on NVIDIA GPUs) and at 'highest' (true float32), in TFLOP/s, and a
+  device-to-device copy in TB/s (bytes read + written). Median of ``repeats`` calls on
+  random data after a warm-up."""
+  key = jax.random.key(1)
+  a, b = jax.random.normal(key, (2, size, size), jnp.float32)
+  out = {}
+  def rate(fn, *args):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      ts.append(time.perf_counter() - t)
+    return median(ts)
+  for name, prec in (('matmul_default_tflops', None), ('matmul_highest_tflops', 'highest')):
+    fn = jax.jit(lambda x, y, p=prec: jnp.matmul(x, y, precision=p))
+    out[name] = 2 * size**3 / rate(fn, a, b) / 1e12
+  big = jax.random.normal(key, (64 * 2**20,), jnp.float32)  # 256 MiB
+  out['copy_tbps'] = 2 * big.nbytes / rate(jax.jit(lambda x: x * 2.0), big) / 1e12
+  return out
+
+
 def mb(n_bytes: float) -> float:
   return n_bytes / 2**20
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
-                     between: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+def time_interleaved(fns: dict[Any, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
+                     between: Callable[[int], None] | None = None,
+                     label: Callable[[Any], str] | None = None) -> dict[Any, list[float]]:
   """Seconds per call of each ``fn``: ``warmup`` untimed calls each, then ``repeats`` rounds
   calling every fn once in turn (A B C A B C ...); ``between(round)`` runs after each round
-  (e.g. another framework's measurement, interleaved at round granularity).
+  (e.g. another framework's measurement, interleaved at round granularity). With ``label``
+  (name -> text), each round's times are printed as it ends, so that a run cut short (a
+  time limit on a lent machine) still leaves its figures.
 
   Returns every sample; summarise with :func:`median`.
   """
@@ -227,6 +269,9 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup
       t = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t)
+    if label is not None:
+      print(f'  round {r + 1}/{repeats}: ' + ', '.join(
+          f'{label(name)} {1e3 * ts[-1]:.1f} ms' for name, ts in times.items()), flush=True)
     if between is not None:
       between(r)
   return times

@@ -48,12 +48,8 @@ CONFIGS = {
 
 def _config(name: str, meta_batch: int, devices: int, data_dir: str | None):
   from experiments import configs  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
   file, overrides = CONFIGS[name]
-  spec = importlib.util.spec_from_file_location(file, configs.path_of(file))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = configs.get(file)
   for k, v in overrides.items():
     c[k] = v
   c.meta_batch, c.num_devices, c.progress = meta_batch, devices, False

@@ -1,7 +1,11 @@
 """Execution strategies on the current backend: the evidence for ``mm.default_strategy()``.
 
     python -m benchmarks.strategies [--algorithm=maml] [--steps=5] [--repeats=3]
-        [--strategies=loop:full,loop:1,vmap:full,vmap:1]
+        [--shape=omniglot] [--strategies=loop:full,loop:1,vmap:full,vmap:1]
+
+A strategy is written ``tasks:unroll[:map_remat[:conv]]`` (e.g. ``vmap:full:tied:lax``);
+omitted fields are the backend default's (``conv``: ``mirrormeta``, see
+``mirrormeta.models.CONVOLUTIONS``).
 
 The same math, second-order meta-step on Omniglot-shaped tasks (28x28x1, Conv4-64, 5-way
 1-shot 15 query, 4 tasks), run with each ``Strategy(tasks, unroll)``: tasks 'loop' (an
@@ -21,10 +25,17 @@ import mirrormeta as mm
 from benchmarks import common as C
 
 
-def _strategy(s: str) -> mm.Strategy:
-  tasks, unroll = s.split(':')
-  return mm.default_strategy()._replace(tasks=tasks,
-                                        unroll=True if unroll == 'full' else int(unroll))
+DEFAULT_CONV = 'mirrormeta'
+
+
+def _strategy(s: str) -> tuple[mm.Strategy, str]:
+  """'tasks:unroll[:map_remat[:conv]]' -> (Strategy, conv)."""
+  tasks, unroll, *rest = s.split(':')
+  strategy = mm.default_strategy()._replace(tasks=tasks,
+                                            unroll=True if unroll == 'full' else int(unroll))
+  if rest:
+    strategy = strategy._replace(map_remat=rest[0])
+  return strategy, rest[1] if len(rest) > 1 else DEFAULT_CONV
 
 
 def main(argv=None):
@@ -44,34 +55,39 @@ def main(argv=None):
   C.setup(args.no_cache, args.default_malloc)
   env = C.environment()
   print(env)
-  default = mm.default_strategy()
+  default = (mm.default_strategy(), DEFAULT_CONV)
   shape = C.SHAPES[args.shape]
   # Keyed by C.strategy_key: Strategy(unroll=True) == Strategy(unroll=1) as Python values.
-  key = C.strategy_key
+  key = lambda sc: C.strategy_key(sc[0]) + (sc[1],)
   strategies = list(args.strategies)
   if key(default) not in map(key, strategies):
     strategies.insert(0, default)
-  built = {key(s): C.build(args.algorithm, shape, args.steps, s) for s in strategies}
+  built = {key(s): C.build(args.algorithm, shape, args.steps, s[0], conv=s[1])
+           for s in strategies}
+  names = {key(s): f'{s[0].tasks}:{"full" if s[0].unroll is True else s[0].unroll}:'
+                  f'{s[0].map_remat}:{s[1]}' for s in strategies}
   times = C.time_interleaved({k: b.run for k, b in built.items()}, repeats=args.repeats,
-                             warmup=args.warmup)
+                             warmup=args.warmup, label=names.get)
   rel = {k: C.ratio_interval(times[k], times[key(default)])[0] for k in built}
-  rows = [[f'`{s.tasks}`', 'full' if s.unroll is True else s.unroll,
-           'yes' if key(s) == key(default) else '', f'{C.median(times[key(s)]):.3f}',
-           f'{min(times[key(s)]):.3f}', f'{rel[key(s)]:.2f}',
-           f'{C.mb(built[key(s)].memory["peak"]):.1f}', f'{built[key(s)].compile_s:.0f}']
-          for s in strategies]
-  fastest = min(strategies, key=lambda s: C.median(times[key(s)]))
+  rows = [[f'`{s.tasks}`', 'full' if s.unroll is True else s.unroll, s.map_remat, conv,
+           'yes' if key((s, conv)) == key(default) else '',
+           f'{C.median(times[key((s, conv))]):.4f}', f'{min(times[key((s, conv))]):.4f}',
+           f'{rel[key((s, conv))]:.2f}', f'{C.mb(built[key((s, conv))].memory["peak"]):.1f}',
+           f'{built[key((s, conv))].compile_s:.0f}']
+          for s, conv in strategies]
+  fastest, fastest_conv = min(strategies, key=lambda s: C.median(times[key(s)]))
   cmd = 'python -m benchmarks.strategies ' + ' '.join(argv if argv is not None else sys.argv[1:])
   text = '\n'.join([
       f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd.strip()}`  ', env, '',
       f'{args.algorithm}, second order, K={args.steps}, {shape.name}-shaped {shape.image} '
       f'Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks; '
       f'{args.repeats} interleaved rounds after {args.warmup} warm-up.', '',
-      C.markdown_table(['tasks', 'scan unroll', 'default', 's/step (median)', 's/step (min)',
-                        'time / default', 'peak MB (XLA)', 'compile s'], rows), '',
-      f'Fastest: tasks={fastest.tasks} unroll={fastest.unroll}; '
-      f'`mm.default_strategy()` = tasks={default.tasks} unroll={default.unroll} '
-      f'({"agrees" if key(fastest) == key(default) else "DISAGREES"}).', ''])
+      C.markdown_table(['tasks', 'scan unroll', 'map_remat', 'conv', 'default',
+                        's/step (median)', 's/step (min)', 'time / default',
+                        'peak MB (XLA)', 'compile s'], rows), '',
+      f'Fastest: {C.strategy_label(fastest)} conv={fastest_conv}; `mm.default_strategy()` = '
+      f'{C.strategy_label(default[0])} conv={default[1]} '
+      f'({"agrees" if key((fastest, fastest_conv)) == key(default) else "DISAGREES"}).', ''])
   print('\n' + text)
   print(f'saved {C.save(args.out, text)}')
 

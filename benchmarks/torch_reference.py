@@ -72,7 +72,8 @@ def _torch():
   return torch
 
 
-def init_conv4(image_shape=(28, 28, 1), filters=64, n_way=5, dtype=None, seed=0):
+def init_conv4(image_shape=(28, 28, 1), filters=64, n_way=5, dtype=None, seed=0,
+               device='cpu'):
   """Builds Conv4 parameters as a flat list of leaf tensors.
 
   Args:
@@ -81,6 +82,7 @@ def init_conv4(image_shape=(28, 28, 1), filters=64, n_way=5, dtype=None, seed=0)
     n_way: number of output classes.
     dtype: torch dtype (default float32).
     seed: torch RNG seed.
+    device: where the parameters live ('cpu', 'cuda').
 
   Returns:
     [w1, b1, γ1, β1, ..., w4, b4, γ4, β4, W_out, b_out], each ``requires_grad``.
@@ -105,7 +107,7 @@ def init_conv4(image_shape=(28, 28, 1), filters=64, n_way=5, dtype=None, seed=0)
       torch.randn(n_way, feat, generator=gen, dtype=dtype) * (1 / feat)**0.5,
       torch.zeros(n_way, dtype=dtype),
   ]
-  return [p.requires_grad_() for p in params]
+  return [p.to(device).requires_grad_() for p in params]
 
 
 def conv4_apply(params, x_NCHW):
@@ -223,7 +225,7 @@ def make_meta_step(variant, params, steps, inner_lr, first_order=False, meta_lr=
   return step
 
 
-def random_tasks(tasks, image_shape, n_way, shot, query, dtype=None, seed=0):
+def random_tasks(tasks, image_shape, n_way, shot, query, dtype=None, seed=0, device='cpu'):
   """Gaussian images and balanced labels shaped like an N-way K-shot task batch.
 
   Returns:
@@ -237,8 +239,9 @@ def random_tasks(tasks, image_shape, n_way, shot, query, dtype=None, seed=0):
   for _ in range(tasks):
     xs = torch.randn(n_way * shot, c, h, w, generator=gen, dtype=dtype)
     xq = torch.randn(n_way * query, c, h, w, generator=gen, dtype=dtype)
-    out.append((xs, torch.arange(n_way).repeat_interleave(shot),
-                xq, torch.arange(n_way).repeat_interleave(query)))
+    out.append(tuple(t.to(device) for t in (
+        xs, torch.arange(n_way).repeat_interleave(shot),
+        xq, torch.arange(n_way).repeat_interleave(query))))
   return out
 
 
@@ -264,33 +267,133 @@ print(json.dumps(_measure(json.load(sys.stdin))))
 '''
 
 
-def _measure(cfg):
-  """Runs in a fresh process: builds the problem, times the steps, reads the RSS mark."""
+def _build(cfg):
+  """The problem of ``cfg`` in this process: (step, tasks, sync, cuda)."""
   torch = _torch()
   torch.set_num_threads(cfg['threads'])
+  device = cfg.get('device', 'cpu')
+  cuda = device.startswith('cuda')
+  if cuda:
+    # Let cuDNN pick its fastest algorithms (the shapes never change), as GPU research
+    # code usually does; cudnn's TF32 convolutions are PyTorch's default, like XLA's.
+    torch.backends.cudnn.benchmark = True
   cfg['image_shape'] = tuple(cfg['image_shape'])  # JSON made it a list.
-  params = init_conv4(cfg['image_shape'], cfg['filters'], cfg['n_way'])
+  params = init_conv4(cfg['image_shape'], cfg['filters'], cfg['n_way'], device=device)
   tasks = random_tasks(cfg['tasks'], cfg['image_shape'], cfg['n_way'], cfg['shot'],
-                       cfg['query'])
+                       cfg['query'], device=device)
   step = make_meta_step(cfg['variant'], params, cfg['steps'], cfg['inner_lr'],
                         cfg['first_order'])
-  rss_before = _maxrss_mb()  # torch, parameters and data are resident by now.
-  for _ in range(cfg['warmup']):
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+  return step, tasks, sync, cuda
+
+
+def _time_steps(step, tasks, sync, cuda, warmup, repeats, rss_before):
+  """Times ``repeats`` steps after ``warmup``; the peak memory of the timed steps: the RSS
+  high-water mark above ``rss_before``, on CUDA the caching allocator's peak of allocated
+  bytes above what was allocated before them."""
+  torch = _torch()
+  for _ in range(warmup):
     step(tasks)
+  sync()
+  if cuda:
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
   times = []
-  for _ in range(cfg['repeats']):
+  for _ in range(repeats):
     t0 = time.perf_counter()
     loss = step(tasks)
+    sync()  # CUDA kernels run asynchronously: the step ends when they have
     times.append(time.perf_counter() - t0)
+  peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if cuda
+          else _maxrss_mb() - rss_before)
   return dict(seconds_per_step=statistics.median(times), all=times,
-              peak_rss_mb=_maxrss_mb() - rss_before, baseline_rss_mb=rss_before,
+              peak_rss_mb=peak, baseline_rss_mb=rss_before,
               threads=torch.get_num_threads(), loss=float(loss),
               torch_version=torch.__version__)
 
 
+def _measure(cfg):
+  """Runs in a fresh process: builds the problem, times the steps, reads the memory mark."""
+  step, tasks, sync, cuda = _build(cfg)
+  rss_before = _maxrss_mb()  # torch, parameters and data are resident by now.
+  return dict(_time_steps(step, tasks, sync, cuda, cfg['warmup'], cfg['repeats'],
+                          rss_before), device=cfg.get('device', 'cpu'))
+
+
+def _serve(cfg, requests, replies):
+  """A :class:`Worker`'s process: builds once, then answers each request line
+  ``{"warmup": w, "repeats": r}`` with one JSON line of :func:`_time_steps`' figures."""
+  step, tasks, sync, cuda = _build(cfg)
+  rss_before = _maxrss_mb()
+  for line in requests:
+    req = json.loads(line)
+    out = _time_steps(step, tasks, sync, cuda, req['warmup'], req['repeats'], rss_before)
+    replies.write(json.dumps(dict(out, device=cfg.get('device', 'cpu'))) + '\n')
+    replies.flush()
+
+
+_SERVE = '''import json, sys
+sys.path.insert(0, sys.argv[1])
+from benchmarks.torch_reference import _serve
+_serve(json.loads(sys.stdin.readline()), sys.stdin, sys.stdout)
+'''
+
+
+class Worker:
+  """One reference configuration kept alive in a subprocess across measurements.
+
+  Benchmarks that interleave the reference with their own rounds call :meth:`measure`
+  once per round: the process, torch's import, CUDA's start-up and cuDNN's algorithm
+  search are paid once, not per round (on a GPU those took seconds, more than the steps).
+  Memory is then the peak over all measurements so far (on CPU the process's RSS
+  high-water mark is monotonic; on CUDA each measurement's own peak).
+
+  Use as a context manager, or call :meth:`close`. Arguments as :func:`time_meta_step`.
+  """
+
+  def __init__(self, variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5, shot=1,
+               query=15, tasks=4, steps=5, first_order=False, inner_lr=0.01,
+               threads=None, device='cpu'):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    _torch()  # Fail here with the clear message rather than inside the child process.
+    cfg = dict(variant=variant, image_shape=tuple(image_shape), filters=filters,
+               n_way=n_way, shot=shot, query=query, tasks=tasks, steps=steps,
+               first_order=first_order, inner_lr=inner_lr,
+               threads=threads or available_cores(), device=device)
+    self._stderr = tempfile.TemporaryFile(mode='w+')
+    self._proc = subprocess.Popen([sys.executable, '-c', _SERVE, _REPO_ROOT],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self._stderr, text=True)
+    self._proc.stdin.write(json.dumps(cfg) + '\n')
+    self._proc.stdin.flush()
+
+  def measure(self, warmup=1, repeats=5) -> dict:
+    """Times ``repeats`` steps after ``warmup`` untimed ones; a dict as time_meta_step's."""
+    self._proc.stdin.write(json.dumps(dict(warmup=warmup, repeats=repeats)) + '\n')
+    self._proc.stdin.flush()
+    line = self._proc.stdout.readline()
+    if not line:
+      self._proc.wait()
+      self._stderr.seek(0)
+      raise RuntimeError(f'torch reference measurement failed:\n{self._stderr.read()}')
+    return json.loads(line)
+
+  def close(self) -> None:
+    if self._proc.poll() is None:
+      self._proc.stdin.close()
+      self._proc.wait(timeout=60)
+    self._stderr.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
 def time_meta_step(variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5, shot=1,
                    query=15, tasks=4, steps=5, first_order=False, inner_lr=None,
-                   warmup=2, repeats=5, threads=None):
+                   warmup=2, repeats=5, threads=None, device='cpu'):
   """Times one Conv4 MAML meta-step (inner loops, meta-backward, Adam) on random data.
 
   Memory method: everything runs in a fresh Python subprocess, so the RSS high-water
@@ -314,10 +417,12 @@ def time_meta_step(variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5
     warmup: untimed steps first.
     repeats: timed steps.
     threads: ``torch.set_num_threads`` value; None means the cores available.
+    device: 'cpu' or 'cuda' (then ``peak_rss_mb`` is the CUDA caching allocator's peak
+      of allocated bytes over the timed steps above what was allocated before them).
 
   Returns:
     dict(seconds_per_step=median seconds, all=list of seconds, peak_rss_mb=float,
-    baseline_rss_mb=float, threads=int, loss=float, torch_version=str).
+    baseline_rss_mb=float, threads=int, loss=float, torch_version=str, device=str).
   """
   _torch()  # Fail here with the clear message rather than inside the child process.
   if inner_lr is None:
@@ -325,7 +430,7 @@ def time_meta_step(variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5
   cfg = dict(variant=variant, image_shape=tuple(image_shape), filters=filters,
              n_way=n_way, shot=shot, query=query, tasks=tasks, steps=steps,
              first_order=first_order, inner_lr=inner_lr, warmup=warmup,
-             repeats=repeats, threads=threads or available_cores())
+             repeats=repeats, threads=threads or available_cores(), device=device)
   # A plain subprocess, not multiprocessing's spawn: spawn re-imports the caller's
   # __main__, which breaks (or reruns) unguarded benchmark scripts.
   proc = subprocess.run([sys.executable, '-c', _CHILD, _REPO_ROOT],
@@ -351,20 +456,25 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--threads', type=int, default=None,
                       help='torch threads; default: the cores available')
+  parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
   args = parser.parse_args(argv)
   image_shape, filters = SHAPES[args.shape]
   filters = args.filters or filters
   r = time_meta_step(args.variant, image_shape, filters, args.n_way, args.shot,
                      args.query, args.tasks, args.steps, args.first_order,
-                     warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+                     warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                     device=args.device)
   order = 'first' if args.first_order else 'second'
-  print(f'torch {r["torch_version"]}, {r["threads"]} threads | {args.shape} '
+  print(f'torch {r["torch_version"]} on {args.device}, {r["threads"]} threads | {args.shape} '
         f'{image_shape} filters={filters} {args.n_way}w{args.shot}s {args.query}q '
         f'tasks={args.tasks} K={args.steps} {order}-order variant={args.variant}')
   times = ' '.join(f'{t:.3f}' for t in r['all'])
   print(f'{r["seconds_per_step"]:.3f} s/step (median; all: {times})')
-  print(f'peak RSS +{r["peak_rss_mb"]:.0f} MB over a {r["baseline_rss_mb"]:.0f} MB '
-        'baseline')
+  if args.device == 'cpu':
+    print(f'peak RSS +{r["peak_rss_mb"]:.0f} MB over a {r["baseline_rss_mb"]:.0f} MB '
+          'baseline')
+  else:
+    print(f'peak CUDA memory allocated during the steps: +{r["peak_rss_mb"]:.0f} MB')
 
 
 if __name__ == '__main__':

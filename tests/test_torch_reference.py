@@ -103,3 +103,19 @@ def test_imports_without_torch_and_fails_clearly():
           'else:\n'
           '    raise SystemExit("no ImportError")\n')
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_worker_keeps_one_process_across_measurements(tr):
+  with tr.Worker('loops', (16, 16, 1), filters=4, n_way=3, query=2, tasks=1, steps=1,
+                 threads=1) as worker:
+    first, second = worker.measure(warmup=1, repeats=2), worker.measure(warmup=0, repeats=3)
+  assert len(first['all']) == 2 and len(second['all']) == 3
+  assert first['device'] == 'cpu' and second['seconds_per_step'] > 0
+  assert first['loss'] != second['loss']  # the same parameters kept training
+
+
+def test_worker_reports_the_childs_error(tr):
+  worker = tr.Worker('nonsense', (16, 16, 1), filters=4, threads=1)
+  with pytest.raises(RuntimeError, match='variant must be one of'):
+    worker.measure()
+  worker.close()
