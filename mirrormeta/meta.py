@@ -45,7 +45,9 @@ def default_strategy(backend: str | None = None) -> Strategy:
   which XLA:CPU runs ~10x slower than plain ones, and a scan boundary blocks fusion across
   steps (DESIGN.md §3: 9.3 s vmap+scan vs 0.96 s unrolled loops): unroll both.
   GPU/TPU: grouped convolutions are native, so ``vmap`` keeps one batched kernel per layer;
-  steps stay unrolled (K is small, compile cost is modest, fusion helps).
+  steps stay unrolled (K is small, fusion helps). Not yet chosen by measurement: on an H100
+  only this default has been timed (mini_1shot's step, 42 ms; 40-100 s to compile,
+  benchmarks/results/strategies_gpu.md), not 'loop' or scan against it.
   The map's recomputation is 'tied' on CPU: XLA:CPU drops the optimization barriers that
   keep ``jax.checkpoint``'s recomputation apart from the forward pass, so it was merged with
   it and held until the backward pass (MetaMiDA Conv4 K=5: 649 vs 441 MB, MAML 420;
