@@ -13,12 +13,14 @@ per-step work does not depend on how many images a class has). Three measured pa
   2. the same run resumed for a few steps (what a resumption compiles once), then for
      ``--steps`` more steps, then for 2 x ``--steps`` more, each ending with one validation; the difference of their training times is
      ``--steps`` steps, free of what each resumption costs once (restoring, tracing);
-  3. one validation alone (compiled), and the test's time from part 2's results.
+  3. one validation alone (compiled), also with ``val_curve`` flipped on (the test's
+     compiled function), and the test's time from part 2's results.
 
     step  = (training time of 2 x steps − training time of steps) / steps
     total = num_steps · step + ⌈num_steps / eval_every⌉ · validation + test + warm-up
 
-which is printed next to ``--target_minutes``. The per-step time is also compared with
+which is printed next to ``--target_minutes`` (the run's periodic checkpoints, saved
+asynchronously by orbax, are not counted). The per-step time is also compared with
 the bare compiled step (the same ``runner.step`` on one batch, no sampling, no per-step
 host synchronisation): their ratio is what the training loop adds around the step.
 Results: ``benchmarks/results/train_time_<config>_<backend>.md``.
@@ -26,6 +28,7 @@ Results: ``benchmarks/results/train_time_<config>_<backend>.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pickle
 import sys
@@ -73,6 +76,10 @@ def override(config, item: str) -> None:
   for name in parents:
     node = node[name]
   node[leaf] = _parse_value(value)
+
+
+def _val_curve(config) -> bool:
+  return bool(config.get('val_curve', True))
 
 
 def bare_step_s(exp, runner, state, repeats: int) -> float:
@@ -138,8 +145,9 @@ def main(argv=None):
 
   def part(steps):
     c = config.copy_and_resolve_references()
+    # Each part ends with one validation, one checkpoint and the test, so the difference of
+    # two parts holds steps (and their logging) only.
     c.num_steps = c.eval_every = steps
-    c.checkpoint_every = min(config.checkpoint_every, steps)
     t = time.perf_counter()
     res = train.train_and_evaluate(c, workdir, experiment=exp)
     return res, time.perf_counter() - t
@@ -156,9 +164,14 @@ def main(argv=None):
   train_a, train_b = res_a['train']['wall_s'], res_b['train']['wall_s']
   step_s = (train_b - train_a) / args.steps
   state = exp.init_state()
-  t = time.perf_counter()
-  train.validate(exp, state.params)
-  val_s = time.perf_counter() - t
+  def validation_s(e):
+    t = time.perf_counter()
+    train.validate(e, state.params)
+    return time.perf_counter() - t
+  val_s = validation_s(exp)
+  # The other validation (config.val_curve flipped): the test's function, already compiled.
+  other = dataclasses.replace(exp, val_fn=exp.eval_fn) if not _val_curve(config) else None
+  curve_s = validation_s(other) if other is not None else val_s
   test_s = res_b['eval_wall_s']
   runner = train.make_runner(exp)
   bare_s = bare_step_s(exp, runner, runner.place_state(state), min(args.steps, 200))
@@ -174,7 +187,10 @@ def main(argv=None):
        f'/ {args.steps}'],
       ['bare compiled step', f'{1e3 * bare_s:.1f} ms',
        f'loop / bare = {step_s / bare_s:.2f}'],
-      ['one validation', f'{val_s:.2f} s', f'{c.val_tasks} tasks, K={exp.eval_steps}'],
+      ['one validation', f'{val_s:.2f} s', f'{c.val_tasks} tasks, K={exp.eval_steps}, '
+       f'val_curve={_val_curve(c)}'],
+      ['one validation with the per-step curve', f'{curve_s:.2f} s',
+       f'val_curve=True: {curve_s / val_s:.2f}x'],
       ['test', f'{test_s:.2f} s', f'{c.test_tasks} tasks'],
       ['build + compile + warm-up', f'{build_s + warm_s:.1f} s', ''],
       [f'projected whole run', f'{total_s / 60:.1f} min',

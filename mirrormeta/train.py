@@ -200,6 +200,7 @@ class Experiment:
     meta: the meta-training step (mm.MetaStep).
     strategy: execution strategy of training and evaluation.
     eval_fn: jitted per-task query curves after 0..K_eval steps (mirrormeta.evaluate).
+    val_fn: validation's: ``eval_fn``, or after step K_eval only (``config.val_curve``).
     eval_batch: tasks per evaluation call.
     draw: {split: jitted (key, start, size) -> (support, query)}.
     num_devices: devices the meta-batch is split over.
@@ -212,6 +213,7 @@ class Experiment:
   meta: mm.MetaStep
   strategy: mm.Strategy
   eval_fn: Callable
+  val_fn: Callable
   eval_batch: int
   draw: dict
   num_devices: int
@@ -267,12 +269,13 @@ def build_experiment(config, splits=('train', 'val', 'test')) -> Experiment:
                            lr=config.inner_lr, first_order=alg.first_order, strategy=strategy,
                            **({'axis_name': parallel.TASK_AXIS} if sharded else {}))
   eval_steps = config.inner_steps if config.eval_inner_steps is None else config.eval_inner_steps
-  eval_fn = evaluate.make_eval_fn(alg.conjugate.apply, loss_fn, steps=eval_steps,
-                                  lr=config.inner_lr, strategy=strategy,
-                                  classification=classification)
+  eval_fn, val_fn = (evaluate.make_eval_fn(alg.conjugate.apply, loss_fn, steps=eval_steps,
+                                           lr=config.inner_lr, strategy=strategy,
+                                           classification=classification, curve=curve)
+                     for curve in (True, config.get('val_curve', True)))
   eval_batch = config.eval_batch or (1 if strategy.tasks == 'loop' else 25)
   return Experiment(config, alg, model, 'accuracy' if classification else 'mse', schedule,
-                    meta, strategy, eval_fn, eval_batch, draw, num_devices)
+                    meta, strategy, eval_fn, val_fn, eval_batch, draw, num_devices)
 
 
 # ------------------------------------------------------------------------ device placement
@@ -384,15 +387,18 @@ def _progress(exp: Experiment, desc: str):
 
 def validate(exp: Experiment, theta: mm.MetaParams, split: str = 'val',
              num_tasks: int | None = None) -> dict:
-  """Query metric after 0..K_eval steps on ``num_tasks`` tasks of ``split``.
+  """Query metric after 0..K_eval steps on ``num_tasks`` tasks of ``split`` (on 'val'
+  after step K_eval only, unless ``config.val_curve``).
 
   Validation always uses the same tasks (the 'val' stream), so values are comparable
   across steps. Returns evaluate.summarize's dict (accuracy in %).
   """
   num_tasks = num_tasks or (exp.config.val_tasks if split == 'val' else exp.config.test_tasks)
-  per_task = evaluate.evaluate(exp.eval_fn, theta, exp.draw[split], exp.keys()[split],
+  fn = exp.val_fn if split == 'val' else exp.eval_fn
+  per_task = evaluate.evaluate(fn, theta, exp.draw[split], exp.keys()[split],
                                num_tasks, exp.eval_batch, _progress(exp, split))
-  return evaluate.summarize(per_task, exp.metric)
+  curve = next(iter(per_task.values())).shape[1] > 1 or exp.eval_steps == 0
+  return evaluate.summarize(per_task, exp.metric, None if curve else [exp.eval_steps])
 
 
 def _mean(acc: list[dict]) -> dict:
@@ -467,8 +473,11 @@ def train_and_evaluate(config, workdir, *, experiment: Experiment | None = None)
       if not math.isfinite(float(metrics['loss'])):
         raise _nonfinite(step, 'meta-loss', ckpts)
       acc.append(metrics)
+      log_now = step % c.log_every == 0 or step == c.num_steps
+      save_latest = step % c.checkpoint_every == 0 or step == c.num_steps
+      validate_now = step % c.eval_every == 0 or step == c.num_steps
       postfix = {}
-      if step % c.log_every == 0 or step == c.num_steps:
+      if log_now:
         m = _mean(acc)
         now = time.perf_counter()
         scalars = {'train/loss': m['loss'], 'train/meta_grad_norm': m['meta_grad_norm'],
@@ -487,8 +496,6 @@ def train_and_evaluate(config, workdir, *, experiment: Experiment | None = None)
         postfix = {'loss': f'{float(m["loss"]):.3f}'}
         if exp.metric == 'accuracy':
           postfix['acc'] = f'{100 * float(m["query_accuracy"]):.1f}%'
-      save_latest = step % c.checkpoint_every == 0 or step == c.num_steps
-      validate_now = step % c.eval_every == 0 or step == c.num_steps
       if (save_latest or validate_now) and not bool(_all_finite(state.params)):
         raise _nonfinite(step, 'meta-parameters', ckpts)
       if validate_now:
@@ -496,11 +503,12 @@ def train_and_evaluate(config, workdir, *, experiment: Experiment | None = None)
         value = val[exp.metric]
         if not math.isfinite(value):
           raise _nonfinite(step, f'validation {exp.metric}', ckpts)
-        log.scalars(step, {f'val/{exp.metric}': value,
-                           f'val/{exp.metric}_ci95': val[f'{exp.metric}_ci95'],
-                           f'val/{exp.metric}_per_step': np.array(
-                               val['per_step']['accuracy' if exp.metric == 'accuracy'
-                                               else 'loss'])})
+        val_scalars = {f'val/{exp.metric}': value,
+                       f'val/{exp.metric}_ci95': val[f'{exp.metric}_ci95']}
+        if len(val['per_step']['step']) > 1:  # config.val_curve
+          val_scalars[f'val/{exp.metric}_per_step'] = np.array(
+              val['per_step']['accuracy' if exp.metric == 'accuracy' else 'loss'])
+        log.scalars(step, val_scalars)
         ckpts.save_best(step, state, value)
         postfix['val'] = f'{value:.2f}{"%" if exp.metric == "accuracy" else ""}'
       if save_latest:
