@@ -463,19 +463,36 @@ def train_and_evaluate(config, workdir, *, experiment: Experiment | None = None)
   bounds = jax.jit(exp.algorithm.conjugate.bounds)
   tasks = runner.tasks
   t0, window, last_log, acc = time.perf_counter(), time.perf_counter(), start, []
+  pending = None  # (step, its metrics on the device), not yet fetched
+
+  def settle():
+    """Fetches the pending step's metrics (waiting for that step only) and checks its loss."""
+    nonlocal pending
+    if pending is not None:
+      done, metrics = pending[0], jax.device_get(pending[1])
+      pending = None
+      if not math.isfinite(float(metrics['loss'])):
+        raise _nonfinite(done, 'meta-loss', ckpts)
+      acc.append(metrics)
+
   step = start
   try:
     for step in range(start + 1, c.num_steps + 1):
       support, query = exp.draw['train'](jax.random.fold_in(keys['train'], step - 1),
                                          tasks.start, len(tasks))
       state, metrics = runner.step(state, *runner.place_batch(support, query))
-      metrics = jax.device_get(metrics)
-      if not math.isfinite(float(metrics['loss'])):
-        raise _nonfinite(step, 'meta-loss', ckpts)
-      acc.append(metrics)
+      # The previous step's metrics are fetched only now, after this step was dispatched,
+      # so that an accelerator runs step s while the host draws and dispatches step s+1
+      # (the smoke step's dispatch alone takes 1.3-2.3 ms of host time) instead of idling
+      # through it. On CPU, where both share the cores, it is neutral (smoke config, 7
+      # rounds of 100 steps: 12.43 vs 12.29 ms per step); not yet measured on a GPU.
+      settle()
+      pending = (step, metrics)
       log_now = step % c.log_every == 0 or step == c.num_steps
       save_latest = step % c.checkpoint_every == 0 or step == c.num_steps
       validate_now = step % c.eval_every == 0 or step == c.num_steps
+      if log_now or save_latest or validate_now:
+        settle()  # these need this step's loss checked (and logged) first
       postfix = {}
       if log_now:
         m = _mean(acc)
