@@ -96,9 +96,10 @@ def test_logs_opened_within_one_second_keep_both_event_files(tmp_path):
   assert tensorboard_scalars(tmp_path)['train/loss'] == {2: 2.0, 4: 4.0}
 
 
-def fail_at(monkeypatch, call, exc=None, poison=False):
+def fail_at(monkeypatch, call, exc=None, poison=False, poison_loss=False):
   """Makes the runner's step raise ``exc`` at its ``call``-th call, or (poison) return NaN
-  meta-parameters from it: a stand-in for a kill or a diverging run."""
+  meta-parameters from it, or (poison_loss) a NaN loss only: a stand-in for a kill or a
+  diverging run."""
   real = train.make_runner
 
   def make_runner(exp):
@@ -112,6 +113,8 @@ def fail_at(monkeypatch, call, exc=None, poison=False):
       state, metrics = runner.step(state, *batch)
       if n == call and poison:
         state = state._replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+      if n == call and poison_loss:
+        metrics = dict(metrics, loss=metrics['loss'] * np.nan)
       return state, metrics
     return runner._replace(step=step)
   monkeypatch.setattr(train, 'make_runner', make_runner)
@@ -229,15 +232,17 @@ def test_eval_only_retests_a_checkpoint(smoke, trained, tmp_path):
     train.evaluate_checkpoint(other, tmp_path / 'empty')
 
 
-@pytest.mark.parametrize('call, what, last_good', [
-    (4, 'meta-parameters at step 4', 2),  # caught before saving step 4
-    (5, 'meta-loss at step 6', 4),        # caught by the next step's loss
+@pytest.mark.parametrize('call, poison, what, last_good', [
+    (4, 'params', 'meta-parameters at step 4', 2),  # caught before saving step 4
+    (5, 'params', 'meta-loss at step 6', 4),        # caught by the next step's loss
+    # Step 5 neither logs nor saves: its loss is checked once step 6 is dispatched.
+    (5, 'loss', 'meta-loss at step 5', 4),
 ])
 def test_nonfinite_run_stops_and_keeps_last_good_checkpoint(smoke, tmp_path, monkeypatch, call,
-                                                            what, last_good):
+                                                            poison, what, last_good):
   config, exp = smoke
   workdir = tmp_path / 'run'
-  fail_at(monkeypatch, call=call, poison=True)
+  fail_at(monkeypatch, call=call, poison=poison == 'params', poison_loss=poison == 'loss')
   with pytest.raises(train.NonFiniteError) as e:
     train.train_and_evaluate(config, workdir, experiment=exp)
   message = str(e.value)
