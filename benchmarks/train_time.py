@@ -9,12 +9,14 @@ data when ``data_dir`` holds it, else on random stand-in files written in the da
 real layout (miniImageNet pickles: 64/16/20 classes x ``--standin_images`` images; the
 per-step work does not depend on how many images a class has). Three measured parts:
 
-  1. warm-up: a few steps, one validation and the test: every function compiles;
+  1. warm-up: a few steps, a validation and a test: every function compiles;
   2. the same run resumed for a few steps (what a resumption compiles once), then for
-     ``--steps`` more steps, then for 2 x ``--steps`` more, each ending with one validation; the difference of their training times is
-     ``--steps`` steps, free of what each resumption costs once (restoring, tracing);
-  3. one validation alone (compiled), also with ``val_curve`` flipped on (the test's
-     compiled function), and the test's time from part 2's results.
+     ``--steps`` more steps, then for 2 x ``--steps`` more; each ends with a checkpoint,
+     a validation and a test of one evaluation batch, so the difference of the last two
+     training times is ``--steps`` steps (with their logging), free of what a resumption
+     costs once (restoring, tracing) and of the evaluations' own noise;
+  3. the config's validation alone (compiled), also with ``val_curve`` flipped on (the
+     test's compiled function), and its test.
 
     step  = (training time of 2 x steps − training time of steps) / steps
     total = num_steps · step + ⌈num_steps / eval_every⌉ · validation + test + warm-up
@@ -145,34 +147,36 @@ def main(argv=None):
 
   def part(steps):
     c = config.copy_and_resolve_references()
-    # Each part ends with one validation, one checkpoint and the test, so the difference of
-    # two parts holds steps (and their logging) only.
+    # Each part ends with a checkpoint and one-batch evaluations (timed in full below), so
+    # the difference of two parts holds steps (and their logging) only.
     c.num_steps = c.eval_every = steps
+    c.val_tasks = c.test_tasks = exp.eval_batch
     t = time.perf_counter()
     res = train.train_and_evaluate(c, workdir, experiment=exp)
     return res, time.perf_counter() - t
 
   print(f'built the experiment in {build_s:.1f} s', flush=True)
   _, warm_s = part(args.warmup_steps)
-  print(f'part 1 (compiles, {args.warmup_steps} steps, validation, test): {warm_s:.1f} s',
-        flush=True)
+  print(f'part 1 (compiles, {args.warmup_steps} steps, one-batch validation and test): '
+        f'{warm_s:.1f} s', flush=True)
   # A first resumption compiles what restoring a checkpoint changes (its arrays' placement).
   part(2 * args.warmup_steps)
   res_a, _ = part(2 * args.warmup_steps + args.steps)
   print(f'part 2: {args.steps} steps in {res_a["train"]["wall_s"]:.1f} s', flush=True)
   res_b, _ = part(2 * args.warmup_steps + 3 * args.steps)
+  print(f'part 2: {2 * args.steps} steps in {res_b["train"]["wall_s"]:.1f} s', flush=True)
   train_a, train_b = res_a['train']['wall_s'], res_b['train']['wall_s']
   step_s = (train_b - train_a) / args.steps
   state = exp.init_state()
-  def validation_s(e):
+  def evaluation_s(e, split='val'):
     t = time.perf_counter()
-    train.validate(e, state.params)
+    train.validate(e, state.params, split)
     return time.perf_counter() - t
-  val_s = validation_s(exp)
+  val_s = evaluation_s(exp)
   # The other validation (config.val_curve flipped): the test's function, already compiled.
   other = dataclasses.replace(exp, val_fn=exp.eval_fn) if not _val_curve(config) else None
-  curve_s = validation_s(other) if other is not None else val_s
-  test_s = res_b['eval_wall_s']
+  curve_s = evaluation_s(other) if other is not None else val_s
+  test_s = evaluation_s(exp, 'test')
   runner = train.make_runner(exp)
   bare_s = bare_step_s(exp, runner, runner.place_state(state), min(args.steps, 200))
   validations = math.ceil(num_steps / eval_every)

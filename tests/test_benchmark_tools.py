@@ -79,3 +79,21 @@ def test_mini_standin_loads_as_miniimagenet(tmp_path):
     assert ds.images.shape[1:] == (84, 84, 3) and ds.images.dtype == np.uint8
     sizes[split] = ds.num_classes
   assert sizes == {'train': 64, 'val': 16, 'test': 20}
+
+
+def test_train_time_projects_the_smoke_run(tmp_path, monkeypatch, omniglot_dir):
+  monkeypatch.setattr(C, 'RESULTS', tmp_path)
+  train_time.main(['--config=smoke', '--steps=4', '--warmup_steps=1',
+                   f'--data_dir={omniglot_dir}', '--set', 'val_tasks=8',
+                   '--set', 'test_tasks=8'])
+  text = (tmp_path / f'train_time_smoke_{jax.default_backend()}.md').read_text()
+  rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1:] for line in text.splitlines()
+          if line.startswith('| ')}
+  assert {'one training step (runner loop)', 'bare compiled step', 'one validation',
+          'one validation with the per-step curve', 'test',
+          'projected whole run'} <= set(rows)
+  assert rows['one validation'][1].startswith('8 tasks, K=3, val_curve=False')
+  # The curve evaluates the query set after steps 0..3 instead of after step 3 only.
+  curve_ratio = float(rows['one validation with the per-step curve'][1].split(': ')[1][:-3])
+  assert curve_ratio > 1.5
+  assert '] projected whole run' in text and '40 steps, 2 validations, test' in text
