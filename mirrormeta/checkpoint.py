@@ -32,9 +32,10 @@ CONFIG_FILE = 'config.json'
 # evaluation and bookkeeping fields change only what is measured or how it is executed.
 FREE_FIELDS = frozenset({
     'name', 'num_steps', 'data_dir', 'cache_dir', 'eval_query', 'eval_inner_steps',
-    'val_tasks', 'val_curve', 'test_tasks', 'eval_batch', 'eval_checkpoint', 'eval_every', 'log_every',
-    'checkpoint_every', 'keep_checkpoints', 'strategy', 'num_devices', 'distributed',
-    'progress', 'retain_freed_memory', 'low_memory_schedule', 'threaded_convolutions',
+    'val_tasks', 'val_curve', 'test_tasks', 'eval_batch', 'eval_checkpoint', 'eval_every',
+    'log_every', 'checkpoint_every', 'keep_checkpoints', 'strategy', 'num_devices',
+    'distributed', 'progress', 'retain_freed_memory', 'low_memory_schedule',
+    'threaded_convolutions',
 })
 
 

@@ -272,7 +272,9 @@ def build_experiment(config, splits=('train', 'val', 'test')) -> Experiment:
   eval_fn, val_fn = (evaluate.make_eval_fn(alg.conjugate.apply, loss_fn, steps=eval_steps,
                                            lr=config.inner_lr, strategy=strategy,
                                            classification=classification, curve=curve)
-                     for curve in (True, config.get('val_curve', True)))
+                     for curve in (True, False))
+  if config.get('val_curve', True):  # runs stored before the field existed had the curve
+    val_fn = eval_fn
   eval_batch = config.eval_batch or (1 if strategy.tasks == 'loop' else 25)
   return Experiment(config, alg, model, 'accuracy' if classification else 'mse', schedule,
                     meta, strategy, eval_fn, val_fn, eval_batch, draw, num_devices)
@@ -397,8 +399,8 @@ def validate(exp: Experiment, theta: mm.MetaParams, split: str = 'val',
   fn = exp.val_fn if split == 'val' else exp.eval_fn
   per_task = evaluate.evaluate(fn, theta, exp.draw[split], exp.keys()[split],
                                num_tasks, exp.eval_batch, _progress(exp, split))
-  curve = next(iter(per_task.values())).shape[1] > 1 or exp.eval_steps == 0
-  return evaluate.summarize(per_task, exp.metric, None if curve else [exp.eval_steps])
+  return evaluate.summarize(per_task, exp.metric,
+                            None if fn is exp.eval_fn else [exp.eval_steps])
 
 
 def _mean(acc: list[dict]) -> dict:
