@@ -257,14 +257,7 @@ def _maxrss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# What time_meta_step's subprocess runs; argv[1] is the repository root, so that
-# `benchmarks` imports whether or not the project is installed.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CHILD = '''import json, sys
-sys.path.insert(0, sys.argv[1])
-from benchmarks.torch_reference import _measure
-print(json.dumps(_measure(json.load(sys.stdin))))
-'''
 
 
 def _build(cfg):
@@ -312,19 +305,11 @@ def _time_steps(step, tasks, sync, cuda, warmup, repeats, rss_before):
               torch_version=torch.__version__)
 
 
-def _measure(cfg):
-  """Runs in a fresh process: builds the problem, times the steps, reads the memory mark."""
-  step, tasks, sync, cuda = _build(cfg)
-  rss_before = _maxrss_mb()  # torch, parameters and data are resident by now.
-  return dict(_time_steps(step, tasks, sync, cuda, cfg['warmup'], cfg['repeats'],
-                          rss_before), device=cfg.get('device', 'cpu'))
-
-
 def _serve(cfg, requests, replies):
   """A :class:`Worker`'s process: builds once, then answers each request line
   ``{"warmup": w, "repeats": r}`` with one JSON line of :func:`_time_steps`' figures."""
   step, tasks, sync, cuda = _build(cfg)
-  rss_before = _maxrss_mb()
+  rss_before = _maxrss_mb()  # torch, parameters and data are resident by now.
   for line in requests:
     req = json.loads(line)
     out = _time_steps(step, tasks, sync, cuda, req['warmup'], req['repeats'], rss_before)
@@ -332,6 +317,8 @@ def _serve(cfg, requests, replies):
     replies.flush()
 
 
+# What a Worker's subprocess runs; argv[1] is the repository root, so that `benchmarks`
+# imports whether or not the project is installed.
 _SERVE = '''import json, sys
 sys.path.insert(0, sys.argv[1])
 from benchmarks.torch_reference import _serve
@@ -361,6 +348,8 @@ class Worker:
                first_order=first_order, inner_lr=inner_lr,
                threads=threads or available_cores(), device=device)
     self._stderr = tempfile.TemporaryFile(mode='w+')
+    # A plain subprocess, not multiprocessing's spawn: spawn re-imports the caller's
+    # __main__, which breaks (or reruns) unguarded benchmark scripts.
     self._proc = subprocess.Popen([sys.executable, '-c', _SERVE, _REPO_ROOT],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=self._stderr, text=True)
@@ -396,7 +385,8 @@ def time_meta_step(variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5
                    warmup=2, repeats=5, threads=None, device='cpu'):
   """Times one Conv4 MAML meta-step (inner loops, meta-backward, Adam) on random data.
 
-  Memory method: everything runs in a fresh Python subprocess, so the RSS high-water
+  Memory method: everything runs in a fresh Python subprocess (a :class:`Worker` measured
+  once), so the RSS high-water
   mark ``getrusage(RUSAGE_SELF).ru_maxrss`` belongs to this configuration alone and
   the caller's memory (e.g. JAX's) is not counted. ``peak_rss_mb`` is that mark after
   the warm-up and timed steps minus the mark just before the first step (torch,
@@ -424,21 +414,11 @@ def time_meta_step(variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5
     dict(seconds_per_step=median seconds, all=list of seconds, peak_rss_mb=float,
     baseline_rss_mb=float, threads=int, loss=float, torch_version=str, device=str).
   """
-  _torch()  # Fail here with the clear message rather than inside the child process.
   if inner_lr is None:
     inner_lr = 0.4 if max(image_shape[:2]) <= 28 else 0.01
-  cfg = dict(variant=variant, image_shape=tuple(image_shape), filters=filters,
-             n_way=n_way, shot=shot, query=query, tasks=tasks, steps=steps,
-             first_order=first_order, inner_lr=inner_lr, warmup=warmup,
-             repeats=repeats, threads=threads or available_cores(), device=device)
-  # A plain subprocess, not multiprocessing's spawn: spawn re-imports the caller's
-  # __main__, which breaks (or reruns) unguarded benchmark scripts.
-  proc = subprocess.run([sys.executable, '-c', _CHILD, _REPO_ROOT],
-                        input=json.dumps(cfg), capture_output=True, text=True,
-                        check=False)
-  if proc.returncode:
-    raise RuntimeError(f'torch reference measurement failed:\n{proc.stderr}')
-  return json.loads(proc.stdout.splitlines()[-1])
+  with Worker(variant, image_shape, filters, n_way, shot, query, tasks, steps, first_order,
+              inner_lr, threads, device) as worker:
+    return worker.measure(warmup, repeats)
 
 
 def main(argv=None):
