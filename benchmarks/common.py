@@ -230,13 +230,8 @@ def measured_ceilings(size: int = 8192, repeats: int = 10) -> dict[str, float]:
   a, b = jax.random.normal(key, (2, size, size), jnp.float32)
   out = {}
   def rate(fn, *args):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      ts.append(time.perf_counter() - t)
-    return median(ts)
+    run = lambda: jax.block_until_ready(fn(*args))
+    return median(time_interleaved({'fn': run}, repeats=repeats)['fn'])
   for name, prec in (('matmul_default_tflops', None), ('matmul_highest_tflops', 'highest')):
     fn = jax.jit(lambda x, y, p=prec: jnp.matmul(x, y, precision=p))
     out[name] = 2 * size**3 / rate(fn, a, b) / 1e12

@@ -69,12 +69,13 @@ def main(argv=None):
   times = C.time_interleaved({k: b.run for k, b in built.items()}, repeats=args.repeats,
                              warmup=args.warmup, label=names.get)
   rel = {k: C.ratio_interval(times[k], times[key(default)])[0] for k in built}
-  rows = [[f'`{s.tasks}`', 'full' if s.unroll is True else s.unroll, s.map_remat, conv,
-           'yes' if key((s, conv)) == key(default) else '',
-           f'{C.median(times[key((s, conv))]):.4f}', f'{min(times[key((s, conv))]):.4f}',
-           f'{rel[key((s, conv))]:.2f}', f'{C.mb(built[key((s, conv))].memory["peak"]):.1f}',
-           f'{built[key((s, conv))].compile_s:.0f}']
-          for s, conv in strategies]
+  rows = []
+  for s, conv in strategies:
+    k = key((s, conv))
+    rows.append([f'`{s.tasks}`', 'full' if s.unroll is True else s.unroll, s.map_remat, conv,
+                 'yes' if k == key(default) else '', f'{C.median(times[k]):.4f}',
+                 f'{min(times[k]):.4f}', f'{rel[k]:.2f}',
+                 f'{C.mb(built[k].memory["peak"]):.1f}', f'{built[k].compile_s:.0f}'])
   fastest, fastest_conv = min(strategies, key=lambda s: C.median(times[key(s)]))
   cmd = 'python -m benchmarks.strategies ' + ' '.join(argv if argv is not None else sys.argv[1:])
   text = '\n'.join([
