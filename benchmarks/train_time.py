@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import pickle
 import sys
 import tempfile
@@ -80,10 +81,6 @@ def override(config, item: str) -> None:
   node[leaf] = _parse_value(value)
 
 
-def _val_curve(config) -> bool:
-  return bool(config.get('val_curve', True))
-
-
 def bare_step_s(exp, runner, state, repeats: int) -> float:
   """Seconds per call of the compiled step on one batch, dispatched back to back."""
   support, query = runner.place_batch(*exp.draw['train'](jax.random.key(1), runner.tasks.start,
@@ -126,9 +123,10 @@ def main(argv=None):
   if args.data_dir:
     config.data_dir = args.data_dir
   tmp = Path(tempfile.mkdtemp(prefix='train_time_'))
-  source = f'data in {config.data_dir}'
+  source = f'data in {os.path.relpath(Path(config.data_dir).expanduser(), C.REPO)}'
+  t = time.perf_counter()
   try:
-    data.load_dataset(config.dataset, config.data_dir or None, 'train')
+    exp = train.build_experiment(config)
   except data.DataError as e:
     if config.dataset not in STANDINS:
       sys.exit(f'{e}\n(no stand-in writer for {config.dataset}: pass --data_dir)')
@@ -136,14 +134,14 @@ def main(argv=None):
     config.cache_dir = str(tmp / 'cache')
     source = (f'random stand-in files in the real layout ({args.standin_images} images '
               'per class)')
+    t = time.perf_counter()
+    exp = train.build_experiment(config)
+  build_s = time.perf_counter() - t
   env = C.environment()
   print(env, '\n', source, flush=True)
 
   num_steps, eval_every = config.num_steps, config.eval_every
   workdir = tmp / 'run'
-  t = time.perf_counter()
-  exp = train.build_experiment(config)
-  build_s = time.perf_counter() - t
 
   def part(steps):
     c = config.copy_and_resolve_references()
@@ -174,8 +172,8 @@ def main(argv=None):
     return time.perf_counter() - t
   val_s = evaluation_s(exp)
   # The other validation (config.val_curve flipped): the test's function, already compiled.
-  other = dataclasses.replace(exp, val_fn=exp.eval_fn) if not _val_curve(config) else None
-  curve_s = evaluation_s(other) if other is not None else val_s
+  curve = exp.val_fn is exp.eval_fn
+  curve_s = val_s if curve else evaluation_s(dataclasses.replace(exp, val_fn=exp.eval_fn))
   test_s = evaluation_s(exp, 'test')
   runner = train.make_runner(exp)
   bare_s = bare_step_s(exp, runner, runner.place_state(state), min(args.steps, 200))
@@ -192,7 +190,7 @@ def main(argv=None):
       ['bare compiled step', f'{1e3 * bare_s:.1f} ms',
        f'loop / bare = {step_s / bare_s:.2f}'],
       ['one validation', f'{val_s:.2f} s', f'{c.val_tasks} tasks, K={exp.eval_steps}, '
-       f'val_curve={_val_curve(c)}'],
+       f'val_curve={curve}'],
       ['one validation with the per-step curve', f'{curve_s:.2f} s',
        f'val_curve=True: {curve_s / val_s:.2f}x'],
       ['test', f'{test_s:.2f} s', f'{c.test_tasks} tasks'],
