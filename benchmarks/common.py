@@ -162,12 +162,13 @@ def random_tasks(shape: Shape, seed: int = 0, tasks: int = TASKS):
 
 def make_step(algorithm: str, shape: Shape, steps: int, strategy: mm.Strategy | None = None,
               first_order: bool | None = None, inner_lr: float = INNER_LR,
-              conv: str = 'mirrormeta'):
+              conv: str = 'mirrormeta', layout: str = 'NHWC'):
   """(meta: MetaStep, theta: MetaParams, support, query, first_order) as the runner builds."""
   alg = algorithms.get(algorithm, **({} if first_order is None else
                                      {'first_order': first_order}))
   support, query = random_tasks(shape)
-  model = models.functional(models.Conv4(num_classes=N_WAY, filters=shape.filters, conv=conv),
+  model = models.functional(models.Conv4(num_classes=N_WAY, filters=shape.filters, conv=conv,
+                                         layout=layout),
                             jnp.zeros(shape.image, jnp.float32)[None])
   meta = mm.make_meta_step(alg.conjugate.apply, models.classification_loss(model.apply),
                            optax.adam(META_LR), steps=steps, lr=inner_lr,
@@ -184,17 +185,17 @@ _BUILT: dict[tuple, Built] = {}
 
 def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy | None = None,
           first_order: bool | None = None, verbose: bool = True,
-          conv: str = 'mirrormeta') -> Built:
+          conv: str = 'mirrormeta', layout: str = 'NHWC') -> Built:
   """Compiles (once per process and configuration) the jitted, state-donating meta-step."""
   shape = SHAPES[shape] if isinstance(shape, str) else shape
   strategy = strategy or mm.default_strategy()
   # Not the Strategy itself: Strategy(unroll=True) == Strategy(unroll=1) (True == 1 in
   # Python), but full unrolling and lax.scan are different programs.
-  key = (algorithm, shape, steps, strategy_key(strategy), first_order, conv)
+  key = (algorithm, shape, steps, strategy_key(strategy), first_order, conv, layout)
   if key in _BUILT and _BUILT[key].compiled is not None:
     return _BUILT[key]
   meta, theta, support, query, fo = make_step(algorithm, shape, steps, strategy, first_order,
-                                              conv=conv)
+                                              conv=conv, layout=layout)
   state = jax.jit(meta.init)(theta)
   t = time.perf_counter()
   compiled = jax.jit(meta.step, donate_argnums=0).lower(state, support, query).compile()

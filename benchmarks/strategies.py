@@ -3,9 +3,10 @@
     python -m benchmarks.strategies [--algorithm=maml] [--steps=5] [--repeats=3]
         [--shape=omniglot] [--strategies=loop:full,loop:1,vmap:full,vmap:1]
 
-A strategy is written ``tasks:unroll[:map_remat[:conv]]`` (e.g. ``vmap:full:tied:lax``);
-omitted fields are the backend default's (``conv``: ``mirrormeta``, see
-``mirrormeta.models.CONVOLUTIONS``).
+A strategy is written ``tasks:unroll[:map_remat[:conv[:layout]]]`` (e.g.
+``vmap:full:tied:lax:NCHW``); omitted fields are the backend default's (``conv``:
+``mirrormeta``, see ``mirrormeta.models.CONVOLUTIONS``; ``layout``:
+``mirrormeta.models.default_layout()``).
 
 The same math, second-order meta-step on Omniglot-shaped tasks (28x28x1, Conv4-64, 5-way
 1-shot 15 query, 4 tasks), run with each ``Strategy(tasks, unroll)``: tasks 'loop' (an
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NamedTuple
 
 import jax
 
@@ -28,14 +30,44 @@ from benchmarks import common as C
 DEFAULT_CONV = 'mirrormeta'
 
 
-def _strategy(s: str) -> tuple[mm.Strategy, str]:
-  """'tasks:unroll[:map_remat[:conv]]' -> (Strategy, conv)."""
+class Spec(NamedTuple):
+  """One measured configuration: the meta-step's Strategy and the model's convolution and
+  activation layout."""
+  strategy: mm.Strategy
+  conv: str
+  layout: str
+
+  @property
+  def key(self) -> tuple:
+    # C.strategy_key: Strategy(unroll=True) == Strategy(unroll=1) as Python values.
+    return C.strategy_key(self.strategy) + (self.conv, self.layout)
+
+  @property
+  def name(self) -> str:
+    s = self.strategy
+    return (f'{s.tasks}:{"full" if s.unroll is True else s.unroll}:{s.map_remat}:'
+            f'{self.conv}:{self.layout}')
+
+
+def default_spec() -> Spec:
+  return Spec(mm.default_strategy(), DEFAULT_CONV, mm.models.default_layout())
+
+
+def _strategy(s: str) -> Spec:
+  """'tasks:unroll[:map_remat[:conv[:layout]]]' -> Spec; omitted fields are the default's."""
   tasks, unroll, *rest = s.split(':')
-  strategy = mm.default_strategy()._replace(tasks=tasks,
-                                            unroll=True if unroll == 'full' else int(unroll))
-  if rest:
-    strategy = strategy._replace(map_remat=rest[0])
-  return strategy, rest[1] if len(rest) > 1 else DEFAULT_CONV
+  default = default_spec()
+  fields = dict(zip(('map_remat', 'conv', 'layout'), rest))
+  spec = Spec(default.strategy._replace(
+                  tasks=tasks, unroll=True if unroll == 'full' else int(unroll),
+                  map_remat=fields.get('map_remat', default.strategy.map_remat)),
+              fields.get('conv', default.conv), fields.get('layout', default.layout))
+  if (len(rest) > 3 or tasks not in ('vmap', 'loop') or spec.conv not in mm.models.CONVOLUTIONS
+      or spec.layout not in mm.models.LAYOUTS):
+    raise ValueError(f'{s!r} is not tasks:unroll[:map_remat[:conv[:layout]]] with tasks in '
+                     f'vmap|loop, conv in {"|".join(mm.models.CONVOLUTIONS)}, layout in '
+                     f'{"|".join(mm.models.LAYOUTS)}')
+  return spec
 
 
 def main(argv=None):
@@ -55,40 +87,41 @@ def main(argv=None):
   C.setup(args.no_cache, args.default_malloc)
   env = C.environment()
   print(env)
-  default = (mm.default_strategy(), DEFAULT_CONV)
+  default = default_spec()
   shape = C.SHAPES[args.shape]
-  # Keyed by C.strategy_key: Strategy(unroll=True) == Strategy(unroll=1) as Python values.
-  key = lambda sc: C.strategy_key(sc[0]) + (sc[1],)
-  strategies = list(args.strategies)
-  if key(default) not in map(key, strategies):
-    strategies.insert(0, default)
-  built = {key(s): C.build(args.algorithm, shape, args.steps, s[0], conv=s[1])
-           for s in strategies}
-  names = {key(s): f'{s[0].tasks}:{"full" if s[0].unroll is True else s[0].unroll}:'
-                  f'{s[0].map_remat}:{s[1]}' for s in strategies}
+  specs = list(args.strategies)
+  if default.key not in [s.key for s in specs]:
+    specs.insert(0, default)
+  built = {s.key: C.build(args.algorithm, shape, args.steps, s.strategy, conv=s.conv,
+                          layout=s.layout) for s in specs}
+  names = {s.key: s.name for s in specs}
   times = C.time_interleaved({k: b.run for k, b in built.items()}, repeats=args.repeats,
                              warmup=args.warmup, label=names.get)
-  rel = {k: C.ratio_interval(times[k], times[key(default)])[0] for k in built}
   rows = []
-  for s, conv in strategies:
-    k = key((s, conv))
-    rows.append([f'`{s.tasks}`', 'full' if s.unroll is True else s.unroll, s.map_remat, conv,
-                 'yes' if k == key(default) else '', f'{C.median(times[k]):.4f}',
-                 f'{min(times[k]):.4f}', f'{rel[k]:.2f}',
+  for s in specs:
+    k = s.key
+    rows.append([f'`{s.strategy.tasks}`', 'full' if s.strategy.unroll is True else s.strategy.unroll,
+                 s.strategy.map_remat, s.conv, s.layout, 'yes' if k == default.key else '',
+                 f'{C.median(times[k]):.4f}', f'{min(times[k]):.4f}',
+                 f'{C.ratio_interval(times[k], times[default.key])[0]:.2f}',
                  f'{C.mb(built[k].memory["peak"]):.1f}', f'{built[k].compile_s:.0f}'])
-  fastest, fastest_conv = min(strategies, key=lambda s: C.median(times[key(s)]))
+  fastest = min(specs, key=lambda s: C.median(times[s.key]))
+  describe = lambda s: f'{C.strategy_label(s.strategy)} conv={s.conv} layout={s.layout}'
+  if len(specs) == 1:
+    verdict = 'the only configuration measured: nothing to compare'
+  else:
+    verdict = 'agrees' if fastest.key == default.key else 'DISAGREES'
   cmd = 'python -m benchmarks.strategies ' + ' '.join(argv if argv is not None else sys.argv[1:])
   text = '\n'.join([
       f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd.strip()}`  ', env, '',
       f'{args.algorithm}, second order, K={args.steps}, {shape.name}-shaped {shape.image} '
       f'Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks; '
       f'{args.repeats} interleaved rounds after {args.warmup} warm-up.', '',
-      C.markdown_table(['tasks', 'scan unroll', 'map_remat', 'conv', 'default',
+      C.markdown_table(['tasks', 'scan unroll', 'map_remat', 'conv', 'layout', 'default',
                         's/step (median)', 's/step (min)', 'time / default',
                         'peak MB (XLA)', 'compile s'], rows), '',
-      f'Fastest: {C.strategy_label(fastest)} conv={fastest_conv}; `mm.default_strategy()` = '
-      f'{C.strategy_label(default[0])} conv={default[1]} '
-      f'({"agrees" if key((fastest, fastest_conv)) == key(default) else "DISAGREES"}).', ''])
+      f'Fastest: {describe(fastest)}; the defaults (`mm.default_strategy()`, '
+      f'`mm.models.default_layout()`): {describe(default)} ({verdict}).', ''])
   print('\n' + text)
   print(f'saved {C.save(args.out, text)}')
 

@@ -46,15 +46,19 @@ def functional(module: nn.Module, example_x: jax.Array) -> Model:
   return Model(init, apply)
 
 
-def max_pool_2x2(x_NHWC: jax.Array) -> jax.Array:
-  """2x2 max-pool, stride 2, floor mode, written as reshape + max.
+def max_pool_2x2(x: jax.Array, layout: str = 'NHWC') -> jax.Array:
+  """2x2 max-pool, stride 2, floor mode, written as reshape + max (``layout``: NHWC or NCHW).
 
   Why not ``nn.max_pool``: its ``reduce_window`` differentiates to select-and-scatter, which
   on XLA:CPU doubled the backward time of a Conv4 meta-step (DESIGN.md §3); reshape + max
   differentiates to cheap elementwise ops and is exact (ties aside) on every backend.
   """
-  n, h, w, c = x_NHWC.shape
-  x = x_NHWC[:, :h // 2 * 2, :w // 2 * 2]
+  if layout == 'NCHW':
+    n, c, h, w = x.shape
+    x = x[:, :, :h // 2 * 2, :w // 2 * 2]
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+  n, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2]
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
@@ -64,21 +68,88 @@ def max_pool_2x2(x_NHWC: jax.Array) -> jax.Array:
 # benchmarks/results/conv_cpu.md); ``lax.conv_general_dilated`` is the plain alternative.
 CONVOLUTIONS = {'mirrormeta': conv_lib.conv_general_dilated, 'lax': lax.conv_general_dilated}
 
+# ``layout`` field: the memory layout of the activations inside Conv4 / ResNet-12. Inputs
+# (NHWC), parameters (kernels HWIO) and outputs are the same in both, so a checkpoint or a
+# conjugate does not depend on it. mirrormeta.conv is NHWC only: with 'NCHW' the
+# convolutions are lax's. Which is faster is the backend's business (default_layout).
+LAYOUTS = ('NHWC', 'NCHW')
+
+
+def default_layout(backend: str | None = None) -> str:
+  """The measured faster activation layout for a backend ('cpu', 'gpu', 'tpu').
+
+  NHWC everywhere. CPU: XLA:CPU's fast convolutions take NHWC. On the Conv4 MAML K=5 step
+  (Omniglot-shaped, interleaved, benchmarks/results/layout_cpu.md) NCHW took 1.79x the
+  default's time, 1.29x that of NHWC with the same lax convolutions. GPU/TPU: not yet
+  measured (XLA chooses the convolutions' physical layouts there itself).
+  """
+  del backend
+  return 'NHWC'
+
+
+class Conv(nn.Module):
+  """``nn.Conv``'s 'SAME' convolution on channels-first (NCHW) activations, with its
+  parameters (kernel HWIO, bias) and initialisers. Named ``Conv`` so that Flax names its
+  instances Conv_0, Conv_1, ... as it names nn.Conv's: the parameter pytree, hence
+  checkpoints and conjugates, is the same in both layouts."""
+  features: int
+  kernel_size: tuple[int, int]
+  use_bias: bool = True
+  conv: str = 'mirrormeta'  # a key of CONVOLUTIONS
+
+  @nn.compact
+  def __call__(self, x_NCHW):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        tuple(self.kernel_size) + (x_NCHW.shape[1], self.features))
+    y = CONVOLUTIONS[self.conv](x_NCHW, kernel, (1, 1), 'SAME',
+                                dimension_numbers=('NCHW', 'HWIO', 'NCHW'))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,))[:, None, None]
+    return y
+
+
+class _Layers(NamedTuple):
+  """The layers of Conv4 / ResNet-12 in one activation layout (a key of LAYOUTS)."""
+  layout: str
+  conv_impl: str
+
+  def enter(self, x_NHWC):
+    return x_NHWC if self.layout == 'NHWC' else jnp.transpose(x_NHWC, (0, 3, 1, 2))
+
+  def leave(self, x):
+    """Back to NHWC before the head, so its weights see features in one order."""
+    return x if self.layout == 'NHWC' else jnp.transpose(x, (0, 2, 3, 1))
+
+  def conv(self, features, kernel_size, use_bias=True):
+    if self.layout == 'NHWC':
+      return nn.Conv(features, kernel_size, padding='SAME', use_bias=use_bias,
+                     conv_general_dilated=CONVOLUTIONS[self.conv_impl])
+    return Conv(features, kernel_size, use_bias, self.conv_impl)
+
+  def batch_norm(self):
+    return nn.BatchNorm(use_running_average=False, momentum=0.0,
+                        axis=-1 if self.layout == 'NHWC' else 1)
+
+  def pool(self, x):
+    return max_pool_2x2(x, self.layout)
+
 
 class Conv4(nn.Module):
   """Four [conv3x3 → transductive BN → ReLU → max-pool 2x2] blocks and a linear head."""
   num_classes: int
   filters: int = 64
   conv: str = 'mirrormeta'  # a key of CONVOLUTIONS
+  layout: str = 'NHWC'  # a key of LAYOUTS
 
   @nn.compact
   def __call__(self, x_NHWC):
-    x = x_NHWC
+    layers = _Layers(self.layout, self.conv)
+    x = layers.enter(x_NHWC)
     for _ in range(4):
-      x = nn.Conv(self.filters, (3, 3), padding='SAME',
-                  conv_general_dilated=CONVOLUTIONS[self.conv])(x)
-      x = nn.BatchNorm(use_running_average=False, momentum=0.0)(x)
-      x = max_pool_2x2(nn.relu(x))
+      x = layers.conv(self.filters, (3, 3))(x)
+      x = layers.batch_norm()(x)
+      x = layers.pool(nn.relu(x))
+    x = layers.leave(x)
     return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
@@ -87,21 +158,20 @@ class ResNet12(nn.Module):
   num_classes: int
   widths: Sequence[int] = (64, 160, 320, 640)
   conv: str = 'mirrormeta'  # a key of CONVOLUTIONS
+  layout: str = 'NHWC'  # a key of LAYOUTS
 
   @nn.compact
   def __call__(self, x_NHWC):
-    x = x_NHWC
-    bn = lambda: nn.BatchNorm(use_running_average=False, momentum=0.0)
-    conv = lambda w, k: nn.Conv(w, k, padding='SAME', use_bias=False,
-                                conv_general_dilated=CONVOLUTIONS[self.conv])
+    layers = _Layers(self.layout, self.conv)
+    x = layers.enter(x_NHWC)
     for width in self.widths:
-      shortcut = bn()(conv(width, (1, 1))(x))
+      shortcut = layers.batch_norm()(layers.conv(width, (1, 1), use_bias=False)(x))
       for i in range(3):
-        x = bn()(conv(width, (3, 3))(x))
+        x = layers.batch_norm()(layers.conv(width, (3, 3), use_bias=False)(x))
         if i < 2:
           x = nn.leaky_relu(x, 0.1)
-      x = max_pool_2x2(nn.leaky_relu(x + shortcut, 0.1))
-    return nn.Dense(self.num_classes)(x.mean(axis=(1, 2)))
+      x = layers.pool(nn.leaky_relu(x + shortcut, 0.1))
+    return nn.Dense(self.num_classes)(layers.leave(x).mean(axis=(1, 2)))
 
 
 class MLP(nn.Module):

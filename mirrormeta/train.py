@@ -107,6 +107,8 @@ def check_config(config) -> None:
     _fail('strategy.tasks', c.strategy.tasks, "must be 'auto', 'vmap' or 'loop'")
   if _conv(c) not in models.CONVOLUTIONS:
     _fail('strategy.conv', _conv(c), f'must be one of {", ".join(models.CONVOLUTIONS)}')
+  if _layout(c) not in ('auto',) + models.LAYOUTS:
+    _fail('strategy.layout', _layout(c), f"must be 'auto' or one of {', '.join(models.LAYOUTS)}")
   if _map_remat(c) not in ('auto',) + core.MAP_REMATS:
     _fail('strategy.map_remat', _map_remat(c),
           f"must be 'auto' or one of {', '.join(core.MAP_REMATS)}")
@@ -146,6 +148,12 @@ def _conv(config) -> str:
   return config.strategy.get('conv', 'mirrormeta')  # runs stored before the field existed
 
 
+def _layout(config) -> str:
+  """The activations' layout; 'auto' is the backend's measured faster one."""
+  layout = config.strategy.get('layout', 'auto')  # runs stored before the field existed
+  return models.default_layout() if layout == 'auto' else layout
+
+
 def _map_remat(config) -> str:
   return config.strategy.get('map_remat', 'auto')  # runs stored before the field existed
 
@@ -153,10 +161,11 @@ def _map_remat(config) -> str:
 def make_model(config, example_x: np.ndarray) -> models.Model:
   """The base learner φ: Conv4, ResNet-12 or MLP, as pure (init, apply)."""
   if config.model == 'conv4':
-    module = models.Conv4(num_classes=config.n_way, filters=config.filters, conv=_conv(config))
+    module = models.Conv4(num_classes=config.n_way, filters=config.filters, conv=_conv(config),
+                          layout=_layout(config))
   elif config.model == 'resnet12':
     module = models.ResNet12(num_classes=config.n_way, widths=tuple(config.resnet_widths),
-                             conv=_conv(config))
+                             conv=_conv(config), layout=_layout(config))
   else:
     module = models.MLP(hidden=tuple(config.mlp_hidden), out=1)
   return models.functional(module, jnp.asarray(example_x)[None])

@@ -52,11 +52,15 @@ def test_gpu_target_is_three_times_faster_than_pytorch():
 
 
 def test_strategy_spec_fills_the_backend_defaults():
-  s, conv = strategies._strategy('vmap:1')
-  assert (s.tasks, s.unroll, conv) == ('vmap', 1, 'mirrormeta')
+  s, conv, layout = strategies._strategy('vmap:1')
+  assert (s.tasks, s.unroll, conv, layout) == ('vmap', 1, 'mirrormeta', mm.models.default_layout())
   assert s.map_remat == mm.default_strategy().map_remat
-  s, conv = strategies._strategy('loop:full:checkpoint:lax')
-  assert (s.tasks, s.unroll, s.map_remat, conv) == ('loop', True, 'checkpoint', 'lax')
+  s, conv, layout = strategies._strategy('loop:full:checkpoint:lax:NCHW')
+  assert (s.tasks, s.unroll, s.map_remat, conv, layout) == ('loop', True, 'checkpoint', 'lax',
+                                                            'NCHW')
+  for bad in ('loop:full:tied:lax:NWHC', 'loops:1', 'loop:1:tied:cudnn'):
+    with pytest.raises(ValueError, match='tasks:unroll'):
+      strategies._strategy(bad)
 
 
 def test_train_time_overrides_are_checked_by_the_config():

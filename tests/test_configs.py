@@ -14,7 +14,7 @@ from PIL import Image  # noqa: E402
 
 from experiments import configs, run  # noqa: E402
 from experiments.configs import base  # noqa: E402
-from mirrormeta import MirrormetaError, algorithms, data, train  # noqa: E402
+from mirrormeta import MirrormetaError, algorithms, data, models, train  # noqa: E402
 
 # Stand-in writers of the data layer's tests (same folder, on sys.path under pytest).
 from test_data import _cifar_standin, _mini_pickles, _tiered_standin  # noqa: E402
@@ -123,6 +123,8 @@ def test_bad_command_lines():
     ('optimizer.lr', 0.0, r'config.optimizer.lr=0.0 must be > 0'),
     ('strategy.tasks', 'pmap', r"config.strategy.tasks='pmap' must be"),
     ('strategy.conv', 'fft', r"config.strategy.conv='fft' must be one of mirrormeta, lax"),
+    ('strategy.layout', 'NWHC',
+     r"config.strategy.layout='NWHC' must be 'auto' or one of NHWC, NCHW"),
     ('strategy.map_remat', 'never',
      r"config.strategy.map_remat='never' must be 'auto' or one of checkpoint, tied"),
 ])
@@ -255,3 +257,16 @@ def test_workdir_guard(tmp_path):
   stored = checkpoint.read_config(run_dir)
   del stored['icnn']['width']  # a field added after the run started is not compared
   assert checkpoint.config_differences(stored, checkpoint.config_dict(c)) == []
+
+
+def test_strategy_layout_reaches_the_model():
+  """'auto' is the backend's default; NCHW builds the same function of the same parameters."""
+  x = np.random.default_rng(0).standard_normal((3, 28, 28, 1)).astype(np.float32)
+  outputs = {}
+  for layout in ('auto', 'NCHW'):
+    c = parse('--config=smoke', f'--config.strategy.layout={layout}')
+    train.check_config(c)
+    model = train.make_model(c, x[0])
+    outputs[layout] = model.apply(model.init(jax.random.key(0)), x)
+  assert models.default_layout() == 'NHWC'
+  np.testing.assert_allclose(outputs['NCHW'], outputs['auto'], rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,25 +104,43 @@ def test_drop_in_takes_the_fast_path_only_where_it_applies():
         lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims, **extra))
 
 
-def test_conv4_meta_gradient_same_with_either_convolution():
-  """Second-order MAML meta-gradient of Conv4 (transductive BN) with mirrormeta.conv vs lax."""
+def test_conv4_meta_gradient_same_with_either_convolution_and_layout():
+  """Second-order MAML meta-gradient of Conv4 (transductive BN) with mirrormeta.conv vs lax,
+  and with channels-first activations: the same parameters (names, shapes, init) and the
+  same meta-gradient."""
   rng = np.random.default_rng(1)
   xs = jnp.asarray(rng.standard_normal((5, 28, 28, 1)), jnp.float32)
   xq = jnp.asarray(rng.standard_normal((10, 28, 28, 1)), jnp.float32)
   ys, yq = jnp.arange(5) % 5, jnp.arange(10) % 5
-  grads = {}
-  for impl in models.CONVOLUTIONS:
-    model = models.functional(models.Conv4(num_classes=5, filters=8, conv=impl), xs[:1])
+  grads, inits = {}, {}
+  variants = [(impl, 'NHWC') for impl in models.CONVOLUTIONS] + [('mirrormeta', 'NCHW')]
+  for impl, layout in variants:
+    model = models.functional(models.Conv4(num_classes=5, filters=8, conv=impl, layout=layout),
+                              xs[:1])
     loss = models.classification_loss(model.apply)
-    params = model.init(jax.random.key(0))
+    params = inits[impl, layout] = model.init(jax.random.key(0))
 
     def meta(p):
       g = jax.grad(lambda p: loss(p, (xs, ys))[0])(p)
       return loss(jax.tree.map(lambda a, b: a - 0.4 * b, p, g), (xq, yq))[0]
 
-    grads[impl] = jax.jit(jax.grad(meta))(params)
-  for a, b in zip(jax.tree.leaves(grads['mirrormeta']), jax.tree.leaves(grads['lax'])):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    grads[impl, layout] = jax.jit(jax.grad(meta))(params)
+  reference = variants[0]
+  for variant in variants[1:]:
+    chex.assert_trees_all_equal(inits[variant], inits[reference])
+    chex.assert_trees_all_close(grads[variant], grads[reference], rtol=2e-4, atol=2e-5)
+
+
+def test_resnet12_same_in_either_layout():
+  x = jax.random.normal(jax.random.key(2), (6, 20, 20, 3))
+  make = lambda layout: models.functional(
+      models.ResNet12(num_classes=5, widths=(8, 12, 16, 20), layout=layout), x[:1])
+  nhwc, nchw = make('NHWC'), make('NCHW')
+  params = nhwc.init(jax.random.key(0))
+  chex.assert_trees_all_equal(nchw.init(jax.random.key(0)), params)
+  grad = lambda m: jax.grad(lambda p: jnp.sum(jnp.sin(m.apply(p, x))))(params)
+  np.testing.assert_allclose(nchw.apply(params, x), nhwc.apply(params, x), rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(grad(nchw), grad(nhwc), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc only')

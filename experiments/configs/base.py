@@ -53,7 +53,9 @@ Fields (all overridable as ``--config.<field>=<value>``):
     steps; 0 = fully unrolled), remat; map_remat: auto | checkpoint | tied, how the
     meta-gradient recomputes φ = ∇h*(z) (mirrormeta.core.primal_map; 'auto': the
     backend's default); conv: mirrormeta | lax, how Conv4 / ResNet-12
-    convolutions and their derivatives are computed (mirrormeta.models.CONVOLUTIONS).
+    convolutions and their derivatives are computed (mirrormeta.models.CONVOLUTIONS);
+    layout: auto | NHWC | NCHW, their activations' memory layout (mirrormeta.models.LAYOUTS;
+    'auto': mirrormeta.models.default_layout(), the backend's measured faster one).
   num_devices: devices the meta-batch is split over (0 = all visible; must divide it).
   distributed: multi-process settings (mirrormeta.parallel.maybe_initialize_distributed):
     coordinator_address, num_processes, process_id, auto.
@@ -144,7 +146,8 @@ def get_config(dataset: str = 'miniimagenet') -> ml_collections.ConfigDict:
 
   c.icnn = ml_collections.ConfigDict(icnn_defaults())
   c.strategy = ml_collections.ConfigDict(dict(tasks='auto', unroll=0, remat=False,
-                                             map_remat='auto', conv='mirrormeta'))
+                                             map_remat='auto', conv='mirrormeta',
+                                             layout='auto'))
   c.num_devices = 1
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address=config_dict.placeholder(str),
