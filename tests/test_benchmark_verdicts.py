@@ -13,8 +13,9 @@ from benchmarks import table5  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 class _Built:
-  def __init__(self, peak):
+  def __init__(self, peak, flops=1e9):
     self.memory = {'peak': peak}
+    self.flops = flops
 
 
 def test_ratio_interval_brackets_the_median_of_per_round_ratios():
@@ -33,7 +34,8 @@ def test_targets_read_met_not_met_or_within_noise():
   times = {('maml', 1): maml, ('maml', 5): maml,
            ('metamida', 1): [t * 0.3 for t in maml],  # K=1 / K=5: clearly above 0.25
            ('metamida', 5): [t * r for t, r in zip(maml, rng.normal(1.05, 0.03, 11))]}
-  built = {key: _Built(100.0) for key in times}
+  built = {key: _Built(100.0, flops=(19.3e9 if key == ('metamida', 1) else 31.8e9))
+           for key in times}
   # Three torch steps per round, each round's median 2x MAML's: ratio 0.5, MET.
   torch_times = {'loops': [2 * t * f for t in maml for f in (0.9, 1.0, 1.1)]}
   lines = table5.targets(None, built, times, torch_times, [1, 5], torch_repeats=3)
@@ -41,4 +43,5 @@ def test_targets_read_met_not_met_or_within_noise():
   assert verdict('PyTorch') == 'MET' and ': 0.500,' in lines[0]
   assert verdict('time at K=5') == 'WITHIN NOISE'
   assert verdict('K=1 / MAML K=5') == 'NOT MET'
+  assert 'work: 0.61 of the FLOPs' in next(l for l in lines if 'K=1 / MAML K=5' in l)
   assert verdict('memory at K=5') == 'MET'
