@@ -240,23 +240,26 @@ def test_icnn_is_the_per_coordinate_formula(case):
   params = {'conv': jnp.zeros((3, 3, 2, 4)), 'dense': jnp.zeros((5, 3)), 'bias': jnp.zeros(3)}
   sp, sig = jax.nn.softplus, jax.nn.sigmoid
 
+  def coordinate(raw, u):
+    """Theorem 1's h*_b(u) for one coordinate u and its block's raw parameters."""
+    skip = [8.0 * jnp.tanh(r) for r in raw['skip']]
+    hidden = [sig(r) for r in raw['hidden']]
+    def net(u):
+      a = sp(skip[0] * u + raw['bias'][0])
+      for w, b, c in zip(hidden, skip[1:], raw['bias'][1:]):
+        a = sp(w @ a + b * u + c)
+      return jnp.dot(sig(raw['out']), a)
+    return 0.5 * (0.05 + sp(raw['quad'])) * u ** 2 + net(u) - u * jax.grad(net)(0.0 * u)
+
   def reference(theta_h, z):
     total = 0.0
     for name, x in z.items():
-      raw = theta_h[name]
-      for index in np.ndindex(x.shape):
-        b = {'tensor': (), 'channel': index[-1:], 'coordinate': index}[granularity]
-        skip = [8.0 * jnp.tanh(r[b]) for r in raw['skip']]
-        bias = [r[b] for r in raw['bias']]
-        hidden = [1.0 * sig(r[b]) for r in raw['hidden']]
-        def net(u):
-          a = sp(skip[0] * u + bias[0])
-          for w, bb, c in zip(hidden, skip[1:], bias[1:]):
-            a = sp(w @ a + bb * u + c)
-          return jnp.dot(1.0 * sig(raw['out'][b]), a)
-        u = x[index]
-        total += (0.5 * (0.05 + sp(raw['quad'][b])) * u ** 2 + net(u)
-                  - u * jax.grad(net)(jnp.zeros_like(u)))
+      # Each coordinate's block: its last index ('channel'), itself, or the whole tensor.
+      index = np.indices(x.shape).reshape(x.ndim, -1)
+      block = {'tensor': lambda a: jnp.broadcast_to(a, (x.size,) + a.shape),
+               'channel': lambda a: a[index[-1]],
+               'coordinate': lambda a: a[tuple(index)]}[granularity]
+      total += jnp.sum(jax.vmap(coordinate)(jax.tree.map(block, theta_h[name]), x.reshape(-1)))
     return total
 
   with jax.enable_x64(True):
@@ -264,9 +267,10 @@ def test_icnn_is_the_per_coordinate_formula(case):
                            random_raw(conj.init(jax.random.key(0), params), 3, 1.0))
     z = {k: jax.random.normal(jax.random.key(i), x.shape, jnp.float64)
          for i, (k, x) in enumerate(params.items())}
-    np.testing.assert_allclose(conj.apply(theta_h, z), reference(theta_h, z), rtol=1e-10)
-    chex.assert_trees_all_close(mm.primal_map(conj.apply, theta_h, z),
-                                jax.grad(reference, argnums=1)(theta_h, z), rtol=1e-9)
+    np.testing.assert_allclose(jax.jit(conj.apply)(theta_h, z),
+                               jax.jit(reference)(theta_h, z), rtol=1e-10)
+    chex.assert_trees_all_close(jax.jit(functools.partial(mm.primal_map, conj.apply))(theta_h, z),
+                                jax.jit(jax.grad(reference, argnums=1))(theta_h, z), rtol=1e-9)
 
 
 @pytest.mark.parametrize('granularity', conjugates.GRANULARITIES)
