@@ -325,8 +325,8 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
     Blocks leading: the map and its meta-gradient contract [..., width] sigmoids with each
     block's parameters and reduce them over each block's coordinates, dots whose batch axis
     is the block, and XLA:CPU's dots take the batch axis leading; with 'channel' blocks on a
-    kernel's last axis it copied the sigmoids into that order (two transposing copies, 42-46
-    ms of the Conv4 K=5 step's 690-840 ms thread time). Computed in this order from the
+    kernel's last axis it copied the sigmoids into that order (two transposing copies, 41-46
+    ms of the Conv4 K=5 step's 685-841 ms thread time). Computed in this order from the
     start, only x and its tangent (width times smaller) are moved: on one core MetaMiDA /
     MAML step time 1.154 -> 1.105, peak 431.7 -> 427.4 MB (MAML 419.6); on two cores the
     freed thread time was idle time, within noise (K=5: 1.094 vs 1.092 and 1.131 vs 1.096;
