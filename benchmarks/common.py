@@ -99,9 +99,13 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     jax.config.update('jax_compilation_cache_dir', str(path or REPO / '.jax_cache'))
 
 
+def unroll_label(s: mm.Strategy) -> str:
+  """'full' for full unrolling (unroll=True), else the scan's unroll factor."""
+  return 'full' if s.unroll is True else str(s.unroll)
+
+
 def strategy_label(s: mm.Strategy) -> str:
-  unroll = 'full' if s.unroll is True else str(s.unroll)
-  return f'tasks={s.tasks} unroll={unroll} remat={s.remat} map_remat={s.map_remat}'
+  return f'tasks={s.tasks} unroll={unroll_label(s)} remat={s.remat} map_remat={s.map_remat}'
 
 
 def strategy_key(s: mm.Strategy) -> tuple:

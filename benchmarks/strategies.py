@@ -45,8 +45,7 @@ class Spec(NamedTuple):
   @property
   def name(self) -> str:
     s = self.strategy
-    return (f'{s.tasks}:{"full" if s.unroll is True else s.unroll}:{s.map_remat}:'
-            f'{self.conv}:{self.layout}')
+    return f'{s.tasks}:{C.unroll_label(s)}:{s.map_remat}:{self.conv}:{self.layout}'
 
 
 def default_spec() -> Spec:
@@ -100,8 +99,7 @@ def main(argv=None):
   rows = []
   for s in specs:
     k = s.key
-    rows.append([f'`{s.strategy.tasks}`', 'full' if s.strategy.unroll is True else s.strategy.unroll,
-                 s.strategy.map_remat, s.conv, s.layout, 'yes' if k == default.key else '',
+    rows.append([f'`{s.strategy.tasks}`', C.unroll_label(s.strategy), s.strategy.map_remat, s.conv, s.layout, 'yes' if k == default.key else '',
                  f'{C.median(times[k]):.4f}', f'{min(times[k]):.4f}',
                  f'{C.ratio_interval(times[k], times[default.key])[0]:.2f}',
                  f'{C.mb(built[k].memory["peak"]):.1f}', f'{built[k].compile_s:.0f}'])

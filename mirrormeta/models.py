@@ -75,15 +75,14 @@ CONVOLUTIONS = {'mirrormeta': conv_lib.conv_general_dilated, 'lax': lax.conv_gen
 LAYOUTS = ('NHWC', 'NCHW')
 
 
-def default_layout(backend: str | None = None) -> str:
-  """The measured faster activation layout for a backend ('cpu', 'gpu', 'tpu').
+def default_layout() -> str:
+  """The measured faster activation layout: NHWC, on every backend so far.
 
-  NHWC everywhere. CPU: XLA:CPU's fast convolutions take NHWC. On the Conv4 MAML K=5 step
+  CPU: XLA:CPU's fast convolutions take NHWC. On the Conv4 MAML K=5 step
   (Omniglot-shaped, interleaved, benchmarks/results/layout_cpu.md) NCHW took 1.79x the
   default's time, 1.29x that of NHWC with the same lax convolutions. GPU/TPU: not yet
   measured (XLA chooses the convolutions' physical layouts there itself).
   """
-  del backend
   return 'NHWC'
 
 

@@ -107,7 +107,7 @@ def check_config(config) -> None:
     _fail('strategy.tasks', c.strategy.tasks, "must be 'auto', 'vmap' or 'loop'")
   if _conv(c) not in models.CONVOLUTIONS:
     _fail('strategy.conv', _conv(c), f'must be one of {", ".join(models.CONVOLUTIONS)}')
-  if _layout(c) not in ('auto',) + models.LAYOUTS:
+  if _layout(c) not in models.LAYOUTS:  # 'auto' is resolved by _layout
     _fail('strategy.layout', _layout(c), f"must be 'auto' or one of {', '.join(models.LAYOUTS)}")
   if _map_remat(c) not in ('auto',) + core.MAP_REMATS:
     _fail('strategy.map_remat', _map_remat(c),
