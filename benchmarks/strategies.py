@@ -3,10 +3,11 @@
     python -m benchmarks.strategies [--algorithm=maml] [--steps=5] [--repeats=3]
         [--shape=omniglot] [--strategies=loop:full,loop:1,vmap:full,vmap:1]
 
-A strategy is written ``tasks:unroll[:map_remat[:conv[:layout]]]`` (e.g.
+A strategy is written ``tasks:unroll[:map_remat[:conv[:layout[:icnn]]]]`` (e.g.
 ``vmap:full:tied:lax:NCHW``); omitted fields are the backend default's (``conv``:
 ``mirrormeta``, see ``mirrormeta.models.CONVOLUTIONS``; ``layout``:
-``mirrormeta.models.default_layout()``).
+``mirrormeta.models.default_layout()``; ``icnn``: ``block_major``, or ``natural`` for
+``mirrormeta.conjugates.icnn(block_major=False)``, MetaMiDA only).
 
 The same math, second-order meta-step on Omniglot-shaped tasks (28x28x1, Conv4-64, 5-way
 1-shot 15 query, 4 tasks), run with each ``Strategy(tasks, unroll)``: tasks 'loop' (an
@@ -30,22 +31,26 @@ from benchmarks import common as C
 DEFAULT_CONV = 'mirrormeta'
 
 
+ICNN_ORDERS = ('block_major', 'natural')  # conjugates.icnn(block_major=True / False)
+
+
 class Spec(NamedTuple):
-  """One measured configuration: the meta-step's Strategy and the model's convolution and
-  activation layout."""
+  """One measured configuration: the meta-step's Strategy, the model's convolution and
+  activation layout, and the order in which the ICNN map computes kernels."""
   strategy: mm.Strategy
   conv: str
   layout: str
+  icnn: str = 'block_major'
 
   @property
   def key(self) -> tuple:
     # C.strategy_key: Strategy(unroll=True) == Strategy(unroll=1) as Python values.
-    return C.strategy_key(self.strategy) + (self.conv, self.layout)
+    return C.strategy_key(self.strategy) + (self.conv, self.layout, self.icnn)
 
   @property
   def name(self) -> str:
     s = self.strategy
-    return f'{s.tasks}:{C.unroll_label(s)}:{s.map_remat}:{self.conv}:{self.layout}'
+    return f'{s.tasks}:{C.unroll_label(s)}:{s.map_remat}:{self.conv}:{self.layout}:{self.icnn}'
 
 
 def default_spec() -> Spec:
@@ -53,19 +58,21 @@ def default_spec() -> Spec:
 
 
 def _strategy(s: str) -> Spec:
-  """'tasks:unroll[:map_remat[:conv[:layout]]]' -> Spec; omitted fields are the default's."""
+  """'tasks:unroll[:map_remat[:conv[:layout[:icnn]]]]' -> Spec; omitted fields are the
+  default's."""
   tasks, unroll, *rest = s.split(':')
   default = default_spec()
-  fields = dict(zip(('map_remat', 'conv', 'layout'), rest))
+  fields = dict(zip(('map_remat', 'conv', 'layout', 'icnn'), rest))
   spec = Spec(default.strategy._replace(
                   tasks=tasks, unroll=True if unroll == 'full' else int(unroll),
                   map_remat=fields.get('map_remat', default.strategy.map_remat)),
-              fields.get('conv', default.conv), fields.get('layout', default.layout))
-  if (len(rest) > 3 or tasks not in ('vmap', 'loop') or spec.conv not in mm.models.CONVOLUTIONS
-      or spec.layout not in mm.models.LAYOUTS):
-    raise ValueError(f'{s!r} is not tasks:unroll[:map_remat[:conv[:layout]]] with tasks in '
-                     f'vmap|loop, conv in {"|".join(mm.models.CONVOLUTIONS)}, layout in '
-                     f'{"|".join(mm.models.LAYOUTS)}')
+              fields.get('conv', default.conv), fields.get('layout', default.layout),
+              fields.get('icnn', default.icnn))
+  if (len(rest) > 4 or tasks not in ('vmap', 'loop') or spec.conv not in mm.models.CONVOLUTIONS
+      or spec.layout not in mm.models.LAYOUTS or spec.icnn not in ICNN_ORDERS):
+    raise ValueError(f'{s!r} is not tasks:unroll[:map_remat[:conv[:layout[:icnn]]]] with tasks '
+                     f'in vmap|loop, conv in {"|".join(mm.models.CONVOLUTIONS)}, layout in '
+                     f'{"|".join(mm.models.LAYOUTS)}, icnn in {"|".join(ICNN_ORDERS)}')
   return spec
 
 
@@ -92,19 +99,22 @@ def main(argv=None):
   if default.key not in [s.key for s in specs]:
     specs.insert(0, default)
   built = {s.key: C.build(args.algorithm, shape, args.steps, s.strategy, conv=s.conv,
-                          layout=s.layout) for s in specs}
+                          layout=s.layout, block_major=s.icnn == 'block_major') for s in specs}
   names = {s.key: s.name for s in specs}
   times = C.time_interleaved({k: b.run for k, b in built.items()}, repeats=args.repeats,
                              warmup=args.warmup, label=names.get)
   rows = []
   for s in specs:
     k = s.key
-    rows.append([f'`{s.strategy.tasks}`', C.unroll_label(s.strategy), s.strategy.map_remat, s.conv, s.layout, 'yes' if k == default.key else '',
+    ratio, low, high = C.ratio_interval(times[k], times[default.key])
+    rows.append([f'`{s.strategy.tasks}`', C.unroll_label(s.strategy), s.strategy.map_remat,
+                 s.conv, s.layout, s.icnn, 'yes' if k == default.key else '',
                  f'{C.median(times[k]):.4f}', f'{min(times[k]):.4f}',
-                 f'{C.ratio_interval(times[k], times[default.key])[0]:.2f}',
+                 f'{ratio:.3f} [{low:.3f}, {high:.3f}]',
                  f'{C.mb(built[k].memory["peak"]):.1f}', f'{built[k].compile_s:.0f}'])
   fastest = min(specs, key=lambda s: C.median(times[s.key]))
-  describe = lambda s: f'{C.strategy_label(s.strategy)} conv={s.conv} layout={s.layout}'
+  describe = lambda s: (f'{C.strategy_label(s.strategy)} conv={s.conv} layout={s.layout} '
+                        f'icnn={s.icnn}')
   if len(specs) == 1:
     verdict = 'the only configuration measured: nothing to compare'
   else:
@@ -115,8 +125,8 @@ def main(argv=None):
       f'{args.algorithm}, second order, K={args.steps}, {shape.name}-shaped {shape.image} '
       f'Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks; '
       f'{args.repeats} interleaved rounds after {args.warmup} warm-up.', '',
-      C.markdown_table(['tasks', 'scan unroll', 'map_remat', 'conv', 'layout', 'default',
-                        's/step (median)', 's/step (min)', 'time / default',
+      C.markdown_table(['tasks', 'scan unroll', 'map_remat', 'conv', 'layout', 'icnn', 'default',
+                        's/step (median)', 's/step (min)', 'time / default (95% CI)',
                         'peak MB (XLA)', 'compile s'], rows), '',
       f'Fastest: {describe(fastest)}; the defaults (`mm.default_strategy()`, '
       f'`mm.models.default_layout()`): {describe(default)} ({verdict}).', ''])

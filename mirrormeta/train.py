@@ -148,6 +148,10 @@ def _conv(config) -> str:
   return config.strategy.get('conv', 'mirrormeta')  # runs stored before the field existed
 
 
+def _icnn_block_major(config) -> bool:
+  return config.strategy.get('icnn_block_major', True)  # runs stored before the field existed
+
+
 def _layout(config) -> str:
   """The activations' layout; 'auto' is the backend's measured faster one."""
   layout = config.strategy.get('layout', 'auto')  # runs stored before the field existed
@@ -156,6 +160,13 @@ def _layout(config) -> str:
 
 def _map_remat(config) -> str:
   return config.strategy.get('map_remat', 'auto')  # runs stored before the field existed
+
+
+def make_algorithm(config) -> algorithms.Algorithm:
+  """The config's algorithm: for MetaMiDA the conjugate of ``config.icnn``, computed as
+  ``config.strategy.icnn_block_major`` says."""
+  return algorithms.get(config.algorithm, first_order=config.first_order,
+                        icnn=dict(config.icnn.to_dict(), block_major=_icnn_block_major(config)))
 
 
 def make_model(config, example_x: np.ndarray) -> models.Model:
@@ -257,8 +268,7 @@ def build_experiment(config, splits=('train', 'val', 'test')) -> Experiment:
   Every bad setting (config or data) raises MirrormetaError here, before anything runs.
   """
   check_config(config)
-  alg = algorithms.get(config.algorithm, first_order=config.first_order,
-                       icnn=config.icnn.to_dict())
+  alg = make_algorithm(config)
   draw, example_x = {}, None
   for split in splits:
     sampler = make_sampler(config, split)

@@ -52,13 +52,15 @@ def test_gpu_target_is_three_times_faster_than_pytorch():
 
 
 def test_strategy_spec_fills_the_backend_defaults():
-  s, conv, layout = strategies._strategy('vmap:1')
-  assert (s.tasks, s.unroll, conv, layout) == ('vmap', 1, 'mirrormeta', mm.models.default_layout())
+  s, conv, layout, icnn = strategies._strategy('vmap:1')
+  assert (s.tasks, s.unroll, conv, layout, icnn) == ('vmap', 1, 'mirrormeta',
+                                                     mm.models.default_layout(), 'block_major')
   assert s.map_remat == mm.default_strategy().map_remat
-  s, conv, layout = strategies._strategy('loop:full:checkpoint:lax:NCHW')
-  assert (s.tasks, s.unroll, s.map_remat, conv, layout) == ('loop', True, 'checkpoint', 'lax',
-                                                            'NCHW')
-  for bad in ('loop:full:tied:lax:NWHC', 'loops:1', 'loop:1:tied:cudnn'):
+  s, conv, layout, icnn = strategies._strategy('loop:full:checkpoint:lax:NCHW:natural')
+  assert (s.tasks, s.unroll, s.map_remat, conv, layout, icnn) == ('loop', True, 'checkpoint',
+                                                                  'lax', 'NCHW', 'natural')
+  for bad in ('loop:full:tied:lax:NWHC', 'loops:1', 'loop:1:tied:cudnn',
+              'loop:1:tied:lax:NHWC:channel_major', 'loop:1:tied:lax:NHWC:natural:x'):
     with pytest.raises(ValueError, match='tasks:unroll'):
       strategies._strategy(bad)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
@@ -14,7 +15,7 @@ from PIL import Image  # noqa: E402
 
 from experiments import configs, run  # noqa: E402
 from experiments.configs import base  # noqa: E402
-from mirrormeta import MirrormetaError, algorithms, data, models, train  # noqa: E402
+from mirrormeta import MirrormetaError, algorithms, checkpoint, data, models, train  # noqa: E402
 
 # Stand-in writers of the data layer's tests (same folder, on sys.path under pytest).
 from test_data import _cifar_standin, _mini_pickles, _tiered_standin  # noqa: E402
@@ -231,7 +232,6 @@ def test_every_algorithm_builds_a_meta_step(algorithm):
 
 
 def test_workdir_guard(tmp_path):
-  from mirrormeta import checkpoint  # pylint: disable=g-import-not-at-top
   c = parse('--config=smoke')
   assert checkpoint.check_workdir(tmp_path / 'new', c) is False
   assert checkpoint.check_workdir(tmp_path, c) is False  # empty folder
@@ -270,3 +270,24 @@ def test_strategy_layout_reaches_the_model():
     outputs[layout] = model.apply(model.init(jax.random.key(0)), x)
   assert models.default_layout() == 'NHWC'
   np.testing.assert_allclose(outputs['NCHW'], outputs['auto'], rtol=1e-4, atol=1e-5)
+
+
+def test_strategy_icnn_block_major_reaches_the_conjugate():
+  """An execution option, not part of the conjugate: outside config.icnn (which a resumed run
+  must match) and free to change on resume; the map computes kernels block-major only when
+  it is on."""
+  assert 'block_major' not in parse('--config=smoke').icnn
+  on, off = (checkpoint.config_dict(parse('--config=smoke',
+                                          f'--config.strategy.icnn_block_major={flag}'))
+             for flag in (True, False))
+  assert checkpoint.config_differences(on, off) == []
+  params = {'kernel': jnp.zeros((3, 3, 2, 4))}
+  z = {'kernel': jnp.ones((3, 3, 2, 4))}
+  transposes = {}
+  for flag in (True, False):
+    c = parse('--config=smoke', '--config.algorithm=metamida',
+              f'--config.strategy.icnn_block_major={flag}')
+    conj = train.make_algorithm(c).conjugate
+    jaxpr = jax.make_jaxpr(conj.apply)(conj.init(jax.random.key(0), params), z)
+    transposes[flag] = 'transpose' in str(jaxpr)
+  assert transposes == {True: True, False: False}

@@ -160,6 +160,10 @@ def test_logsumexp_conjugate_is_exponentiated_gradient():
 
 ICNN_CASES = [('tensor', 8, 2), ('channel', 4, 3), ('coordinate', 3, 1), ('channel', 8, 1),
               ('tensor', 5, 1)]
+# The same cases computed as the map does by default, and the 'channel' ones also with
+# icnn(block_major=False), the kernel's own order (an execution option: same function).
+ICNN_ORDER_CASES = ([c + (True,) for c in ICNN_CASES]
+                    + [c + (False,) for c in ICNN_CASES if c[0] == 'channel'])
 PARAMS = {'a': {'kernel': jnp.zeros((2, 3))}, 'b': jnp.zeros((3,))}
 
 
@@ -196,12 +200,13 @@ def test_icnn_valid_for_any_raw_parameters(seed, log_scale, case):
       assert eig.min() >= mu * (1 - 1e-9) and eig.max() <= lip * (1 + 1e-9)
 
 
-@pytest.mark.parametrize('case', ICNN_CASES, ids=str)
+@pytest.mark.parametrize('case', ICNN_ORDER_CASES, ids=str)
 def test_icnn_closed_form_map_is_the_gradient_of_h_star(case):
   """The ICNN's ∇_z h* is a hand-derived closed form (custom JVP): check it and its θ_h-
   and z-derivatives (what the meta-gradient uses) against central differences of h*."""
-  granularity, width, depth = case
-  conj = conjugates.icnn(width=width, depth=depth, granularity=granularity, mu=0.05)
+  granularity, width, depth, block_major = case
+  conj = conjugates.icnn(width=width, depth=depth, granularity=granularity, mu=0.05,
+                         block_major=block_major)
   with jax.enable_x64(True):
     theta_h = jax.tree.map(lambda x: x.astype(jnp.float64),
                            random_raw(conj.init(jax.random.key(0), PARAMS), 1, 1.0))
@@ -230,13 +235,14 @@ def test_icnn_closed_form_map_is_the_gradient_of_h_star(case):
                                central(hvp, theta_h, d_theta), rtol=1e-5)
 
 
-@pytest.mark.parametrize('case', ICNN_CASES, ids=str)
+@pytest.mark.parametrize('case', ICNN_ORDER_CASES, ids=str)
 def test_icnn_is_the_per_coordinate_formula(case):
   """h* and φ against Theorem 1's formula evaluated coordinate by coordinate, each with its
   own block's parameters (a conv kernel, a dense kernel, a vector): the closed-form map and
   the block-major layout of kernels must pair every coordinate with its block."""
-  granularity, width, depth = case
-  conj = conjugates.icnn(width=width, depth=depth, granularity=granularity, mu=0.05)
+  granularity, width, depth, block_major = case
+  conj = conjugates.icnn(width=width, depth=depth, granularity=granularity, mu=0.05,
+                         block_major=block_major)
   params = {'conv': jnp.zeros((3, 3, 2, 4)), 'dense': jnp.zeros((5, 3)), 'bias': jnp.zeros(3)}
   sp, sig = jax.nn.softplus, jax.nn.sigmoid
 

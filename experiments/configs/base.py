@@ -55,7 +55,10 @@ Fields (all overridable as ``--config.<field>=<value>``):
     backend's default); conv: mirrormeta | lax, how Conv4 / ResNet-12
     convolutions and their derivatives are computed (mirrormeta.models.CONVOLUTIONS);
     layout: auto | NHWC | NCHW, their activations' memory layout (mirrormeta.models.LAYOUTS;
-    'auto': mirrormeta.models.default_layout(), the backend's measured faster one).
+    'auto': mirrormeta.models.default_layout(), the backend's measured faster one);
+    icnn_block_major: the MetaMiDA map computes kernels' channel blocks as [channels, rest]
+    (mirrormeta.conjugates.icnn's block_major; same function, less memory; on CPU faster
+    at K=1, 4, 5 and 3-9% slower at K=2-3, where False is the faster choice).
   num_devices: devices the meta-batch is split over (0 = all visible; must divide it).
   distributed: multi-process settings (mirrormeta.parallel.maybe_initialize_distributed):
     coordinator_address, num_processes, process_id, auto.
@@ -97,9 +100,11 @@ def default_data_dir(dataset: str) -> str:
 
 
 def icnn_defaults() -> dict:
-  """Every argument of ``mirrormeta.conjugates.icnn`` with the library's default value."""
+  """Every argument of ``mirrormeta.conjugates.icnn`` that defines the conjugate, with the
+  library's default value (``block_major``, how it is computed, is
+  ``strategy.icnn_block_major``)."""
   return {name: p.default for name, p in
-          inspect.signature(conjugates.icnn).parameters.items()}
+          inspect.signature(conjugates.icnn).parameters.items() if name != 'block_major'}
 
 
 def get_config(dataset: str = 'miniimagenet') -> ml_collections.ConfigDict:
@@ -147,7 +152,7 @@ def get_config(dataset: str = 'miniimagenet') -> ml_collections.ConfigDict:
   c.icnn = ml_collections.ConfigDict(icnn_defaults())
   c.strategy = ml_collections.ConfigDict(dict(tasks='auto', unroll=0, remat=False,
                                              map_remat='auto', conv='mirrormeta',
-                                             layout='auto'))
+                                             layout='auto', icnn_block_major=True))
   c.num_devices = 1
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address=config_dict.placeholder(str),
