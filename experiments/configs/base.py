@@ -58,7 +58,7 @@ Fields (all overridable as ``--config.<field>=<value>``):
     'auto': mirrormeta.models.default_layout(), the backend's measured faster one);
     icnn_block_major: the MetaMiDA map computes kernels' channel blocks as [channels, rest]
     (mirrormeta.conjugates.icnn's block_major; same function, less memory; on CPU faster
-    at K=1, 4, 5 and 3-9% slower at K=2-3, where False is the faster choice).
+    at K=1, 4, 5 and ~5% slower at K=2 on Omniglot-shaped tasks, where False is faster).
   num_devices: devices the meta-batch is split over (0 = all visible; must divide it).
   distributed: multi-process settings (mirrormeta.parallel.maybe_initialize_distributed):
     coordinator_address, num_processes, process_id, auto.
