@@ -276,18 +276,16 @@ def test_strategy_icnn_block_major_reaches_the_conjugate():
   """An execution option, not part of the conjugate: outside config.icnn (which a resumed run
   must match) and free to change on resume; the map computes kernels block-major only when
   it is on."""
-  assert 'block_major' not in parse('--config=smoke').icnn
-  on, off = (checkpoint.config_dict(parse('--config=smoke',
-                                          f'--config.strategy.icnn_block_major={flag}'))
-             for flag in (True, False))
-  assert checkpoint.config_differences(on, off) == []
   params = {'kernel': jnp.zeros((3, 3, 2, 4))}
   z = {'kernel': jnp.ones((3, 3, 2, 4))}
-  transposes = {}
+  stored, transposes = {}, {}
   for flag in (True, False):
     c = parse('--config=smoke', '--config.algorithm=metamida',
               f'--config.strategy.icnn_block_major={flag}')
+    assert 'block_major' not in c.icnn
+    stored[flag] = checkpoint.config_dict(c)
     conj = train.make_algorithm(c).conjugate
     jaxpr = jax.make_jaxpr(conj.apply)(conj.init(jax.random.key(0), params), z)
     transposes[flag] = 'transpose' in str(jaxpr)
+  assert checkpoint.config_differences(stored[True], stored[False]) == []
   assert transposes == {True: True, False: False}
