@@ -185,6 +185,20 @@ def tree_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+def _traced_once(fn: Callable) -> Callable:
+  """``fn`` for a Python loop that calls it with the same shapes every time: traced once.
+
+  Why: a nested ``jax.jit`` is traced, differentiated and lowered once for all the loop's
+  calls (JAX reuses the jaxprs of its derivatives), and XLA inlines it before optimising,
+  so it compiles to the plain loop's computation (sums may associate differently, float32
+  rounding; Conv4: 9,793 fusions instead of 9,796). The unrolled loops over tasks and inner
+  steps were traced anew per call: tracing and lowering were a fifth of the time to build
+  MetaMiDA's Conv4 meta-step on CPU, and a hit in the compilation cache still pays them
+  (``python -m benchmarks.build_time``).
+  """
+  return jax.jit(fn)
+
+
 class AdaptInfo(NamedTuple):
   """What happened during K inner steps (arrays with a leading axis of K+1 or K).
 
@@ -265,6 +279,7 @@ def adapt(h_star: Conjugate, theta_h: PyTree, z0: PyTree, loss_fn: LossFn, batch
     # and the layouts inside sent the weight gradients to a generic convolution kernel
     # (the K=1 meta-step took 1.4x the K=5 one, benchmarks/results/table5_cpu.md).
     carry, outs = (z0, phi0), []
+    step = _traced_once(step)
     for _ in range(steps):
       carry, out = step(carry, None)
       outs.append(out)

@@ -77,6 +77,7 @@ def map_tasks(fn: Callable, tasks: PyTree, strategy: Strategy) -> PyTree:
     return jax.vmap(fn)(tasks)
   if strategy.tasks == 'loop':
     n = jax.tree.leaves(tasks)[0].shape[0]
+    fn = core._traced_once(fn)
     outs = [fn(jax.tree.map(lambda x: x[i], tasks)) for i in range(n)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
   raise MirrormetaError(f"strategy.tasks must be 'vmap' or 'loop', got {strategy.tasks!r}")
