@@ -175,29 +175,39 @@ def random_raw(theta_h, seed, scale):
                                       for k, x in zip(keys, leaves)])
 
 
+@functools.lru_cache(maxsize=None)
+def icnn_checks(case):
+  """(conj, bounds, h, ∇h, ∇²h) for one ICNN case over PARAMS flattened to a 9-vector, jitted
+  once and reused by every example (op-by-op, the property test took ~60 s)."""
+  granularity, width, depth = case
+  conj = conjugates.icnn(width=width, depth=depth, granularity=granularity, mu=0.05)
+  flat = lambda v: {'a': {'kernel': v[:6].reshape(2, 3)}, 'b': v[6:]}
+  h = lambda theta_h, v: conj.apply(theta_h, flat(v))
+  return (conj, jax.jit(conj.bounds), jax.jit(h), jax.jit(jax.grad(h, argnums=1)),
+          jax.jit(jax.hessian(h, argnums=1)))
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2 ** 16), log_scale=st.floats(-3, 6), case=st.sampled_from(ICNN_CASES))
 def test_icnn_valid_for_any_raw_parameters(seed, log_scale, case):
   """Convex, μ-strongly monotone and L-Lipschitz ∇h*, for raw values up to 1e6 in size."""
-  granularity, width, depth = case
-  conj = conjugates.icnn(width=width, depth=depth, granularity=granularity, mu=0.05)
+  conj, bounds, h_star, grad_h, hess_h = icnn_checks(case)
   with jax.enable_x64(True):
     theta_h = random_raw(conj.init(jax.random.key(0), PARAMS), seed, 10.0 ** log_scale)
     theta_h = jax.tree.map(lambda x: x.astype(jnp.float64), theta_h)
-    b = conj.bounds(theta_h)
+    b = bounds(theta_h)
     mu, lip = float(b['mu']), float(b['lipschitz'])
     assert np.isfinite(lip) and 0.05 <= mu <= lip
-    flat = lambda v: {'a': {'kernel': v[:6].reshape(2, 3)}, 'b': v[6:]}
-    h = lambda v: conj.apply(theta_h, flat(v))
-    grad = jax.grad(h)
+    h = lambda v: float(h_star(theta_h, v))
+    grad = lambda v: np.asarray(grad_h(theta_h, v))
     rng = np.random.default_rng(seed)
     for _ in range(3):
       x, y = (jnp.asarray(rng.normal(size=9) * rng.choice([0.01, 1, 10])) for _ in range(2))
       assert h((x + y) / 2) <= (h(x) + h(y)) / 2 + 1e-9 * (1 + abs(h(x)) + abs(h(y)))
-      dg, dx = grad(x) - grad(y), x - y
+      dg, dx = grad(x) - grad(y), np.asarray(x - y)
       assert dg @ dx >= mu * (dx @ dx) * (1 - 1e-9)
       assert np.linalg.norm(dg) <= lip * np.linalg.norm(dx) * (1 + 1e-9)
-      eig = np.linalg.eigvalsh(jax.hessian(h)(x))
+      eig = np.linalg.eigvalsh(np.asarray(hess_h(theta_h, x)))
       assert eig.min() >= mu * (1 - 1e-9) and eig.max() <= lip * (1 + 1e-9)
 
 
