@@ -37,10 +37,6 @@ from benchmarks import common as C
 VARIANTS = ('per call', 'once')  # the reference first
 
 
-def _csv(s):
-  return [x for x in s.split(',') if x]
-
-
 def _loops(variant: str):
   """The meta-step's loops traced per call (the reference) or once (the library's way)."""
   if variant == 'once':
@@ -88,8 +84,8 @@ def _measure(args, alg: str, k: int, variant: str, cache_dir: str) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--shape', default='omniglot', choices=sorted(C.SHAPES))
-  p.add_argument('--algorithms', type=_csv, default=['maml', 'metamida'])
-  p.add_argument('--ks', type=lambda s: [int(x) for x in _csv(s)], default=[1, 5])
+  p.add_argument('--algorithms', type=C.csv_list, default=['maml', 'metamida'])
+  p.add_argument('--ks', type=C.int_list, default=[1, 5])
   p.add_argument('--repeats', type=int, default=3, help='reruns per variant')
   p.add_argument('--out', default='build_time')
   p.add_argument('--child', action='store_true', help='(internal) one build, JSON out')

@@ -279,6 +279,16 @@ def time_interleaved(fns: dict[Any, Callable[[], Any]], repeats: int = 5, warmup
   return times
 
 
+def csv_list(s: str) -> list[str]:
+  """A command-line list, 'a,b,c' -> ['a', 'b', 'c'] (empty items dropped)."""
+  return [x for x in s.split(',') if x]
+
+
+def int_list(s: str) -> list[int]:
+  """'1,5' -> [1, 5] (e.g. ``--ks``)."""
+  return [int(x) for x in csv_list(s)]
+
+
 def median(xs: Sequence[float]) -> float:
   return statistics.median(xs) if xs else float('nan')
 

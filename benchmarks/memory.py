@@ -27,16 +27,13 @@ from benchmarks import common as C
 TARGET = 2.0  # with checkpointing, K=20 uses at most 2x the memory of K=1
 
 
-def _csv(s):
-  return [x for x in s.split(',') if x]
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--shape', default='omniglot', choices=sorted(C.SHAPES))
-  p.add_argument('--algorithms', type=_csv, default=['maml', 'metamida'])
-  p.add_argument('--ks', type=lambda s: [int(x) for x in _csv(s)], default=[1, 5, 10, 20])
-  p.add_argument('--unroll', type=lambda s: [True if x == 'full' else int(x) for x in _csv(s)],
+  p.add_argument('--algorithms', type=C.csv_list, default=['maml', 'metamida'])
+  p.add_argument('--ks', type=C.int_list, default=[1, 5, 10, 20])
+  p.add_argument('--unroll',
+                 type=lambda s: [True if x == 'full' else int(x) for x in C.csv_list(s)],
                  default=[1], help="scan unroll values: ints or 'full'")
   p.add_argument('--no_cache', action='store_true')
   p.add_argument('--default_malloc', action='store_true',

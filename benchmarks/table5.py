@@ -35,10 +35,6 @@ TARGETS = dict(vs_torch=0.8, vs_torch_gpu=1 / 3, mida_vs_maml_time=1.05,
                mida_k1_vs_maml_k5=0.25, mida_vs_maml_memory=1.03)
 
 
-def _csv(s):
-  return [x for x in s.split(',') if x]
-
-
 def run_shape(shape, algorithms, ks, args):
   """Builds, times and sizes one shape's grid; returns (rows, torch results, text)."""
   print(f'\n== {shape.name}: image {shape.image}, Conv4-{shape.filters}, {C.N_WAY}-way '
@@ -231,13 +227,13 @@ def flops_lines(built, times, ceilings):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--shapes', type=_csv, default=['omniglot', 'mini'])
-  p.add_argument('--algorithms', type=_csv, default=list(ALGORITHMS))
-  p.add_argument('--ks', type=lambda s: [int(x) for x in _csv(s)], default=[1, 2, 3, 4, 5])
+  p.add_argument('--shapes', type=C.csv_list, default=['omniglot', 'mini'])
+  p.add_argument('--algorithms', type=C.csv_list, default=list(ALGORITHMS))
+  p.add_argument('--ks', type=C.int_list, default=[1, 2, 3, 4, 5])
   p.add_argument('--repeats', type=int, default=7,
                  help='interleaved timed rounds (a 95%% CI of a median needs >= 6)')
   p.add_argument('--warmup', type=int, default=1)
-  p.add_argument('--torch', type=_csv, default=['loops', 'func'],
+  p.add_argument('--torch', type=C.csv_list, default=['loops', 'func'],
                  help="PyTorch reference variants ('' for none)")
   p.add_argument('--torch_repeats', type=int, default=3, help='torch timed steps per round')
   p.add_argument('--torch_device', default=None,
