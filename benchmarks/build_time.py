@@ -134,7 +134,7 @@ def main(argv=None):
             '' if v == 'per call' else f'{diff:.1e}'])
   text = '\n'.join([
       f'# Time to build the meta-step ({jax.default_backend()})', '',
-      f'`python -m benchmarks.build_time {" ".join(sys.argv[1:] if argv is None else argv)}`  ',
+      f'`{C.command("build_time", argv)}`  ',
       env, '',
       f'{shape.name}-shaped {shape.image} Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot '
       f'{C.QUERY} query, {C.TASKS} tasks, second order, strategy '

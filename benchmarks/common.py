@@ -317,6 +317,12 @@ def environment() -> str:
           + (f', XLA_FLAGS={os.environ["XLA_FLAGS"]}' if os.environ.get('XLA_FLAGS') else ''))
 
 
+def command(module: str, argv: Sequence[str] | None) -> str:
+  """The command line that ran ``benchmarks.<module>`` (for the results file's header)."""
+  args = ' '.join(argv if argv is not None else sys.argv[1:])
+  return f'python -m benchmarks.{module} {args}'.strip()
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]

@@ -17,7 +17,6 @@ program too. Results: ``benchmarks/results/memory_<backend>.md``.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import jax
 
@@ -56,7 +55,7 @@ def main(argv=None):
           peaks[unroll, alg, remat, k] = b.memory
           b.free()  # Only the accounting is needed; keep the process small.
 
-  cmd = 'python -m benchmarks.memory ' + ' '.join(argv if argv is not None else sys.argv[1:])
+  cmd = C.command('memory', argv)
   lines = [f'# Peak memory vs K, with and without jax.checkpoint ({jax.default_backend()})', '',
            f'`{cmd.strip()}`  ', env, '',
            f'{shape.name}-shaped {shape.image} Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot '

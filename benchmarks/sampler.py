@@ -1,18 +1,19 @@
 """Task-sampler throughput next to the meta-step it feeds (figures, not a test).
 
     JAX_PLATFORMS=cpu python -m benchmarks.sampler [--data_dir ../shared/data/omniglot]
-        [--iters 50] [--mini_images_per_class 600] [--no_meta_step]
+        [--iters 50] [--mini_images_per_class 600] [--no_meta_step] [--out sampler]
 
-Prints, per configuration, the time to sample one batch of tasks (jitted, on device; best
+Prints and saves (``benchmarks/results/<out>_<backend>.md``), per configuration, the time to sample one batch of tasks (jitted, on device; best
 of 3 rounds of ``--iters`` calls with fresh keys, after a compile call) and tasks/s. Omniglot
 uses the real Vinyals train split when ``--data_dir`` has it, else a random stand-in of the
 same shape (4112 classes x 20 x 28x28x1); miniImageNet is a random stand-in of its train
 split's shape (64 classes x 600 x 84x84x3, uint8, ~0.8 GB; lower
 ``--mini_images_per_class`` on a small machine: the gather cost does not depend on it).
 
-With the meta-step on (default), it also times one second-order MAML meta-step
-(``mirrormeta.make_meta_step``, Conv4-64, K=5, 4 tasks, Adam) on Omniglot 5-way 1-shot
-15-query, the DESIGN.md §3 reference configuration, and prints the sampler's share of it.
+With the meta-step on (default), it also times the second-order MAML meta-step at K=5 on
+4 tasks of the benchmark shapes (``C.build``: Conv4-64 for Omniglot 5-way 1-shot
+15-query, the DESIGN.md §3 reference configuration; Conv4-32 for miniImageNet 5-way
+1-shot), as the runner builds it, and prints the sampler's share of it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks import common as C
 from mirrormeta import data
 
 
@@ -50,25 +52,11 @@ def _random_dataset(name, classes, per_class, shape, seed=0) -> data.ClassDatase
                            tuple(f'c{i}' for i in range(classes)))
 
 
-def _meta_step_seconds(sampler: data.EpisodeSampler, iters: int) -> float:
-  """Seconds per second-order MAML meta-step (Conv4-64, K=5) on ``sampler``'s tasks."""
-  import optax  # pylint: disable=g-import-not-at-top
-  import mirrormeta as mm  # pylint: disable=g-import-not-at-top
-  ep = sampler.sample(jax.random.key(0), 4)
-  model = mm.models.functional(mm.models.Conv4(sampler.n_way), ep.support_x[0])
-  conj = mm.conjugates.euclidean()
-  theta = mm.init_meta_params(conj, model.init(jax.random.key(1)), jax.random.key(2))
-  meta = mm.make_meta_step(conj.apply, mm.models.classification_loss(model.apply),
-                           optax.adam(1e-3), steps=5, lr=0.4)
-  step = jax.jit(meta.step)
-  state = meta.init(theta)
-  support, query = (ep.support_x, ep.support_y), (ep.query_x, ep.query_y)
-  state, _ = jax.block_until_ready(step(state, support, query))  # Compile.
-  t = time.perf_counter()
-  for _ in range(iters):
-    state, metrics = step(state, support, query)
-  jax.block_until_ready(metrics)
-  return (time.perf_counter() - t) / iters
+def _meta_step_seconds(shape: str, repeats: int) -> float:
+  """Median seconds per second-order MAML meta-step (K=5, 4 tasks of ``shape``), built as
+  the runner builds it (:func:`benchmarks.C.build`)."""
+  built = C.build('maml', shape, 5)
+  return C.median(C.time_interleaved({shape: built.run}, repeats)[shape])
 
 
 def main(argv=None):
@@ -77,44 +65,55 @@ def main(argv=None):
       Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'))
   parser.add_argument('--iters', type=int, default=50)
   parser.add_argument('--mini_images_per_class', type=int, default=600)
-  parser.add_argument('--meta_step_iters', type=int, default=3)
+  parser.add_argument('--meta_step_iters', type=int, default=5,
+                      help='timed meta-steps per shape (after one warm-up)')
   parser.add_argument('--no_meta_step', action='store_true')
+  parser.add_argument('--out', default='sampler', help='benchmarks/results/<out>_<backend>.md')
   args = parser.parse_args(argv)
+  C.setup()
 
-  print(f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), '
-        f'jax {jax.__version__}')
+  lines = [f'# Task sampler throughput vs the meta-step ({jax.default_backend()})', '',
+           f'`{C.command("sampler", argv)}`  ', C.environment(), '']
+  say = lambda text: (print(text, flush=True), lines.append(text))
   t = time.perf_counter()
   try:
     omniglot = data.load_dataset('omniglot', args.data_dir, 'train')
-    print(f'omniglot: real Vinyals train split, loaded in {time.perf_counter() - t:.2f} s '
-          '(decode on the first run, cache after)')
+    say(f'Omniglot: the real Vinyals train split, loaded in {time.perf_counter() - t:.2f} s.')
   except data.DataError as e:
-    print(f'omniglot: random stand-in ({e})')
+    say(f'Omniglot: a random stand-in of its shape ({e}).')
     omniglot = _random_dataset('omniglot', 4112, 20, (28, 28, 1))
   mini = _random_dataset('miniimagenet', 64, args.mini_images_per_class, (84, 84, 3))
+  say(f'miniImageNet: a random stand-in of its train split ({args.mini_images_per_class} '
+      'images per class).')
+  say('')
 
   configs = [('omniglot', omniglot, 5, 1, 15, 4), ('omniglot', omniglot, 20, 1, 15, 4),
              ('omniglot', omniglot, 20, 5, 15, 4), ('miniimagenet', mini, 5, 1, 15, 4),
              ('miniimagenet', mini, 5, 5, 15, 4)]
-  print(f'{"dataset":<14}{"task":<18}{"B":>3}{"ms/batch":>11}{"tasks/s":>10}')
-  samplers = {}
+  rows = []
   for name, ds, n_way, shot, query, batch in configs:
     sampler = data.EpisodeSampler(ds, n_way, shot, query)
-    samplers[name, n_way, shot] = sampler
     s = _time(lambda k, sampler=sampler, batch=batch: sampler.sample(k, batch), args.iters)
-    print(f'{name:<14}{f"{n_way}w{shot}s{query}q":<18}{batch:>3}{s * 1e3:>11.2f}'
-          f'{batch / s:>10.0f}')
+    step = ''
+    # The benchmark shapes' meta-step (Conv4-64 on Omniglot, Conv4-32 on miniImageNet).
+    shape = {('omniglot', 5, 1): 'omniglot', ('miniimagenet', 5, 1): 'mini'}.get(
+        (name, n_way, shot))
+    if shape and not args.no_meta_step:
+      step_s = _meta_step_seconds(shape, args.meta_step_iters)
+      step = f'{step_s:.3f} s ({100 * s / step_s:.2f}%)'
+    rows.append((name, f'{n_way}w{shot}s{query}q', batch, f'{s * 1e3:.2f}', f'{batch / s:.0f}',
+                 step))
+    print(f'  {rows[-1]}', flush=True)
   sinusoid = data.SinusoidSampler(10, 10)
   s = _time(lambda k: sinusoid.sample(k, 25), args.iters)
-  print(f'{"sinusoid":<14}{"10-shot 10-query":<18}{25:>3}{s * 1e3:>11.2f}{25 / s:>10.0f}')
-
-  if not args.no_meta_step:
-    sampler = samplers['omniglot', 5, 1]
-    step_s = _meta_step_seconds(sampler, args.meta_step_iters)
-    sample_s = _time(lambda k: sampler.sample(k, 4), args.iters)
-    print(f'meta-step (MAML 2nd order, Conv4-64, K=5, omniglot 5w1s15q, B=4): '
-          f'{step_s:.3f} s; sampling its batch: {sample_s * 1e3:.2f} ms = '
-          f'{100 * sample_s / step_s:.2f}% of the step')
+  rows.append(('sinusoid', '10-shot 10-query', 25, f'{s * 1e3:.2f}', f'{25 / s:.0f}', ''))
+  say(C.markdown_table(
+      ['dataset', 'task', 'tasks per batch', 'ms per batch (best of 3 rounds)', 'tasks/s',
+       'MAML K=5 meta-step (median) and the batch\'s share of it'], rows))
+  say('')
+  say('Sampling is jitted on the device; the meta-step is second-order MAML at K=5 on the '
+      'benchmark shape (benchmarks.common.build), timed after one warm-up step.')
+  print(f'saved {C.save(args.out, chr(10).join(lines) + chr(10))}')
 
 
 if __name__ == '__main__':

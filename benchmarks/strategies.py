@@ -19,7 +19,6 @@ XLA's peak-memory accounting. Results: ``benchmarks/results/strategies_<backend>
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import NamedTuple
 
 import jax
@@ -119,7 +118,7 @@ def main(argv=None):
     verdict = 'the only configuration measured: nothing to compare'
   else:
     verdict = 'agrees' if fastest.key == default.key else 'DISAGREES'
-  cmd = 'python -m benchmarks.strategies ' + ' '.join(argv if argv is not None else sys.argv[1:])
+  cmd = C.command('strategies', argv)
   text = '\n'.join([
       f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd.strip()}`  ', env, '',
       f'{args.algorithm}, second order, K={args.steps}, {shape.name}-shaped {shape.image} '

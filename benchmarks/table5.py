@@ -24,7 +24,6 @@ subset with the flags (on a lent GPU, ``--ks=1,5`` of two algorithms is ~5 min).
 from __future__ import annotations
 
 import argparse
-import sys
 
 import jax
 
@@ -259,7 +258,7 @@ def main(argv=None):
     args.torch_device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
   env = C.environment()
   print(env)
-  cmd = 'python -m benchmarks.table5 ' + ' '.join(argv if argv is not None else sys.argv[1:])
+  cmd = C.command('table5', argv)
   sections = [f'# Table 5: meta-step time and peak memory ({jax.default_backend()})', '',
               f'`{cmd.strip()}`  ', env, '']
   target_sections = []

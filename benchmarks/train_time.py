@@ -181,7 +181,7 @@ def main(argv=None):
   total_s = num_steps * step_s + validations * val_s + test_s + build_s + warm_s
   verdict = 'MET' if total_s <= 60 * args.target_minutes else 'NOT MET'
 
-  cmd = 'python -m benchmarks.train_time ' + ' '.join(argv if argv is not None else sys.argv[1:])
+  cmd = C.command('train_time', argv)
   c = config
   rows = [
       ['one training step (runner loop)', f'{1e3 * step_s:.1f} ms',
