@@ -42,8 +42,9 @@ def default_strategy(backend: str | None = None) -> Strategy:
   """The fastest measured strategy for a backend ('cpu', 'gpu', 'tpu'; default: current).
 
   CPU: per-task weights under ``vmap`` turn every convolution into a grouped convolution,
-  which XLA:CPU runs ~10x slower than plain ones, and a scan boundary blocks fusion across
-  steps (DESIGN.md §3: 9.3 s vmap+scan vs 0.96 s unrolled loops): unroll both.
+  slow on XLA:CPU, and a scan boundary blocks fusion across steps: unroll both. MAML Conv4
+  K=5, against unrolled loops: ``vmap`` over tasks 3.5x the time, scan over steps 5.0x,
+  both 8.3x (benchmarks/results/strategies_cpu.md).
   GPU/TPU: grouped convolutions are native, so ``vmap`` keeps one batched kernel per layer;
   steps stay unrolled (K is small, fusion helps). Not yet chosen by measurement: on an H100
   only this default has been timed (mini_1shot's step, 42 ms; 40-100 s to compile,
