@@ -253,12 +253,16 @@ def mb(n_bytes: float) -> float:
 
 def time_interleaved(fns: dict[Any, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
                      between: Callable[[int], None] | None = None,
-                     label: Callable[[Any], str] | None = None) -> dict[Any, list[float]]:
+                     label: Callable[[Any], str] | None = None,
+                     deadline: float | None = None) -> dict[Any, list[float]]:
   """Seconds per call of each ``fn``: ``warmup`` untimed calls each, then ``repeats`` rounds
   calling every fn once in turn (A B C A B C ...); ``between(round)`` runs after each round
   (e.g. another framework's measurement, interleaved at round granularity). With ``label``
   (name -> text), each round's times are printed as it ends, so that a run cut short (a
-  time limit on a lent machine) still leaves its figures.
+  time limit on a lent machine) still leaves its figures. With ``deadline`` (a
+  ``time.monotonic()`` instant, see :func:`deadline_after`), no round starts that the last
+  round's duration says would end after it: fewer rounds, but the caller gets to report
+  them (at least one round always runs).
 
   Returns every sample; summarise with :func:`median`.
   """
@@ -266,7 +270,13 @@ def time_interleaved(fns: dict[Any, Callable[[], Any]], repeats: int = 5, warmup
     for _ in range(warmup):
       fn()
   times = {name: [] for name in fns}
+  last = 0.0
   for r in range(repeats):
+    if r and deadline is not None and time.monotonic() + last > deadline:
+      print(f'  stopping after {r} of {repeats} rounds: another would pass the deadline',
+            flush=True)
+      break
+    start = time.monotonic()
     for name, fn in fns.items():
       t = time.perf_counter()
       fn()
@@ -276,7 +286,22 @@ def time_interleaved(fns: dict[Any, Callable[[], Any]], repeats: int = 5, warmup
           f'{label(name)} {1e3 * ts[-1]:.1f} ms' for name, ts in times.items()), flush=True)
     if between is not None:
       between(r)
+    last = time.monotonic() - start
   return times
+
+
+def add_deadline_flag(parser) -> None:
+  """``--deadline_s``, read with :func:`deadline_after` right after parsing."""
+  parser.add_argument('--deadline_s', type=float, default=None,
+                      help='time fewer rounds so that the run reports and saves within this '
+                           "many seconds of its start (a lent machine's per-command limit)")
+
+
+def deadline_after(seconds: float | None, reserve: float = 30.0) -> float | None:
+  """The ``time.monotonic()`` instant ``seconds`` from now, less ``reserve`` for reporting
+  and saving (None: no deadline). For ``--deadline_s``: a lent machine's per-command limit
+  kills a run, and a killed run saves nothing."""
+  return None if seconds is None else time.monotonic() + seconds - reserve
 
 
 def csv_list(s: str) -> list[str]:

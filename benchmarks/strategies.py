@@ -1,7 +1,7 @@
 """Execution strategies on the current backend: the evidence for ``mm.default_strategy()``.
 
     python -m benchmarks.strategies [--algorithm=maml] [--steps=5] [--repeats=3]
-        [--shape=omniglot] [--strategies=loop:full,loop:1,vmap:full,vmap:1]
+        [--shape=omniglot] [--strategies=loop:full,loop:1,vmap:full,vmap:1] [--deadline_s=540]
 
 A strategy is written ``tasks:unroll[:map_remat[:conv[:layout[:icnn]]]]`` (e.g.
 ``vmap:full:tied:lax:NCHW``); omitted fields are the backend default's (``conv``:
@@ -87,8 +87,10 @@ def main(argv=None):
   p.add_argument('--no_cache', action='store_true')
   p.add_argument('--default_malloc', action='store_true',
                  help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")
+  C.add_deadline_flag(p)
   p.add_argument('--out', default='strategies')
   args = p.parse_args(argv)
+  deadline = C.deadline_after(args.deadline_s)
   C.setup(args.no_cache, args.default_malloc)
   env = C.environment()
   print(env)
@@ -101,7 +103,7 @@ def main(argv=None):
                           layout=s.layout, block_major=s.icnn == 'block_major') for s in specs}
   names = {s.key: s.name for s in specs}
   times = C.time_interleaved({k: b.run for k, b in built.items()}, repeats=args.repeats,
-                             warmup=args.warmup, label=names.get)
+                             warmup=args.warmup, label=names.get, deadline=deadline)
   rows = []
   for s in specs:
     k = s.key
@@ -123,7 +125,7 @@ def main(argv=None):
       f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd.strip()}`  ', env, '',
       f'{args.algorithm}, second order, K={args.steps}, {shape.name}-shaped {shape.image} '
       f'Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks; '
-      f'{args.repeats} interleaved rounds after {args.warmup} warm-up.', '',
+      f'{len(next(iter(times.values())))} interleaved rounds after {args.warmup} warm-up.', '',
       C.markdown_table(['tasks', 'scan unroll', 'map_remat', 'conv', 'layout', 'icnn', 'default',
                         's/step (median)', 's/step (min)', 'time / default (95% CI)',
                         'peak MB (XLA)', 'compile s'], rows), '',

@@ -1,7 +1,7 @@
 """Table 5: time and peak memory per meta-step, relative to MAML at K=5 (figures, not a test).
 
     python -m benchmarks.table5 [--shapes=omniglot,mini] [--algorithms=maml,metasgd,...]
-        [--ks=1,2,3,4,5] [--repeats=5] [--torch=loops,func] [--rss]
+        [--ks=1,2,3,4,5] [--repeats=5] [--torch=loops,func] [--rss] [--deadline_s=540]
 
 For each shape (Omniglot-shaped 28x28x1 Conv4-64; miniImageNet-shaped 84x84x3 Conv4-32),
 5-way 1-shot, 15 query, 4 tasks, second order, Adam, every (algorithm, K) is built and
@@ -19,7 +19,8 @@ On a GPU the run also measures the device's matmul and copy rates and reports ea
 step's achieved FLOP/s (XLA's count) against them. Each round's times are printed as it
 ends. Results: ``benchmarks/results/table5_<backend>.md``. Compiles take 20-120 s per
 configuration on a 2-core CPU and 40-100 s on an H100 (jax 0.11.2, 16 cores): pick a
-subset with the flags (on a lent GPU, ``--ks=1,5`` of two algorithms is ~5 min).
+subset with the flags (on a lent GPU, ``--ks=1,5`` of two algorithms is ~5 min), and
+``--deadline_s`` to time fewer rounds rather than be killed by a time limit before saving.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def run_shape(shape, algorithms, ks, args):
       torch_rss[v].append(res['peak_rss_mb'])
       torch_info.update(version=res['torch_version'], threads=res['threads'],
                         device=args.torch_device)
-    print(f'  round {r + 1}/{args.repeats}: PyTorch ' + ', '.join(
+    print(f'  round {r + 1}: PyTorch ' + ', '.join(
         f'{v} {1e3 * C.median(torch_times[v][-args.torch_repeats:]):.1f} ms'
         for v in args.torch), flush=True)
 
@@ -75,7 +76,8 @@ def run_shape(shape, algorithms, ks, args):
     times = C.time_interleaved({key: b.run for key, b in built.items()},
                                repeats=args.repeats, warmup=args.warmup,
                                between=torch_round if args.torch else None,
-                               label=lambda key: f'{key[0]} K={key[1]}')
+                               label=lambda key: f'{key[0]} K={key[1]}',
+                               deadline=args.deadline)
   finally:
     for worker in workers.values():
       worker.close()
@@ -250,8 +252,10 @@ def main(argv=None):
   p.add_argument('--ceilings', action=argparse.BooleanOptionalAction, default=None,
                  help='measure the device\'s matmul and copy rates and report achieved FLOP/s '
                       'against them (default: on a GPU)')
+  C.add_deadline_flag(p)
   p.add_argument('--out', default='table5')
   args = p.parse_args(argv)
+  args.deadline = C.deadline_after(args.deadline_s)
   C.setup(args.no_cache, args.default_malloc, args.low_memory_schedule,
           args.threaded_convolutions)
   if args.torch_device is None:

@@ -51,6 +51,23 @@ def test_gpu_target_is_three_times_faster_than_pytorch():
   assert verdict('cuda') == 'NOT MET'  # <= 1/3
 
 
+def test_interleaved_timing_stops_before_the_deadline():
+  """A lent machine kills a command at its time limit, and a killed benchmark saves
+  nothing: with a deadline, rounds stop once another would pass it (at least one runs)."""
+  import time  # pylint: disable=g-import-not-at-top
+  calls = []
+  fns = {'a': lambda: (calls.append('a'), time.sleep(0.02)),
+         'b': lambda: (calls.append('b'), time.sleep(0.02))}
+  start = time.monotonic()
+  times = C.time_interleaved(fns, repeats=1000, warmup=0, deadline=start + 0.5)
+  assert 1 <= len(times['a']) == len(times['b']) < 1000
+  assert time.monotonic() - start < 1.0  # the deadline, plus slack for a loaded machine
+  assert calls[:4] == ['a', 'b', 'a', 'b']  # still interleaved
+  past = C.time_interleaved(fns, repeats=5, warmup=0, deadline=time.monotonic() - 1)
+  assert len(past['a']) == 1
+  assert C.deadline_after(None) is None
+
+
 def test_strategy_spec_fills_the_backend_defaults():
   s, conv, layout, icnn = strategies._strategy('vmap:1')
   assert (s.tasks, s.unroll, conv, layout, icnn) == ('vmap', 1, 'mirrormeta',
