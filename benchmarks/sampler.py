@@ -3,17 +3,18 @@
     JAX_PLATFORMS=cpu python -m benchmarks.sampler [--data_dir ../shared/data/omniglot]
         [--iters 50] [--mini_images_per_class 600] [--no_meta_step] [--out sampler]
 
-Prints and saves (``benchmarks/results/<out>_<backend>.md``), per configuration, the time to sample one batch of tasks (jitted, on device; best
-of 3 rounds of ``--iters`` calls with fresh keys, after a compile call) and tasks/s. Omniglot
-uses the real Vinyals train split when ``--data_dir`` has it, else a random stand-in of the
-same shape (4112 classes x 20 x 28x28x1); miniImageNet is a random stand-in of its train
-split's shape (64 classes x 600 x 84x84x3, uint8, ~0.8 GB; lower
-``--mini_images_per_class`` on a small machine: the gather cost does not depend on it).
+Prints and saves (``benchmarks/results/<out>_<backend>.md``), per configuration, the time
+to sample one batch of tasks (jitted, on device; best of 3 rounds of ``--iters`` calls with
+fresh keys, after a compile call) and tasks/s. Omniglot uses the real Vinyals train split
+when ``--data_dir`` has it, else a random stand-in of the same shape (4112 classes x 20 x
+28x28x1); miniImageNet is a random stand-in of its train split's shape (64 classes x 600 x
+84x84x3, uint8, ~0.8 GB; lower ``--mini_images_per_class`` on a small machine: the gather
+cost does not depend on it).
 
 With the meta-step on (default), it also times the second-order MAML meta-step at K=5 on
-4 tasks of the benchmark shapes (``C.build``: Conv4-64 for Omniglot 5-way 1-shot
-15-query, the DESIGN.md §3 reference configuration; Conv4-32 for miniImageNet 5-way
-1-shot), as the runner builds it, and prints the sampler's share of it.
+4 tasks of the benchmark shapes (``benchmarks.common.build``, as the runner builds it:
+Conv4-64 for Omniglot 5-way 1-shot 15-query, the DESIGN.md §3 reference configuration;
+Conv4-32 for miniImageNet 5-way 1-shot) and prints the sampler's share of it.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _random_dataset(name, classes, per_class, shape, seed=0) -> data.ClassDatase
 
 def _meta_step_seconds(shape: str, repeats: int) -> float:
   """Median seconds per second-order MAML meta-step (K=5, 4 tasks of ``shape``), built as
-  the runner builds it (:func:`benchmarks.C.build`)."""
+  the runner builds it (:func:`benchmarks.common.build`)."""
   built = C.build('maml', shape, 5)
   return C.median(C.time_interleaved({shape: built.run}, repeats)[shape])
 
@@ -74,7 +75,11 @@ def main(argv=None):
 
   lines = [f'# Task sampler throughput vs the meta-step ({jax.default_backend()})', '',
            f'`{C.command("sampler", argv)}`  ', C.environment(), '']
-  say = lambda text: (print(text, flush=True), lines.append(text))
+
+  def say(text):
+    print(text, flush=True)
+    lines.append(text)
+
   t = time.perf_counter()
   try:
     omniglot = data.load_dataset('omniglot', args.data_dir, 'train')
