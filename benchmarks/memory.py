@@ -57,7 +57,7 @@ def main(argv=None):
 
   cmd = C.command('memory', argv)
   lines = [f'# Peak memory vs K, with and without jax.checkpoint ({jax.default_backend()})', '',
-           f'`{cmd.strip()}`  ', env, '',
+           f'`{cmd}`  ', env, '',
            f'{shape.name}-shaped {shape.image} Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot '
            f'{C.QUERY} query, {C.TASKS} tasks, second order, tasks={default.tasks}, '
            f'map_remat={default.map_remat}. Peak = XLA '

@@ -122,7 +122,7 @@ def main(argv=None):
     verdict = 'agrees' if fastest.key == default.key else 'DISAGREES'
   cmd = C.command('strategies', argv)
   text = '\n'.join([
-      f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd.strip()}`  ', env, '',
+      f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd}`  ', env, '',
       f'{args.algorithm}, second order, K={args.steps}, {shape.name}-shaped {shape.image} '
       f'Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks; '
       f'{len(next(iter(times.values())))} interleaved rounds after {args.warmup} warm-up.', '',

@@ -264,7 +264,7 @@ def main(argv=None):
   print(env)
   cmd = C.command('table5', argv)
   sections = [f'# Table 5: meta-step time and peak memory ({jax.default_backend()})', '',
-              f'`{cmd.strip()}`  ', env, '']
+              f'`{cmd}`  ', env, '']
   target_sections = []
   ceilings = {}
   if args.ceilings if args.ceilings is not None else jax.default_backend() == 'gpu':

@@ -200,7 +200,7 @@ def main(argv=None):
   ]
   text = '\n'.join([
       f'# Whole-run time of `{args.config}` ({jax.default_backend()})', '',
-      f'`{cmd.strip()}`  ', env + '  ', f'{c.algorithm}, {c.model}-{c.filters}, '
+      f'`{cmd}`  ', env + '  ', f'{c.algorithm}, {c.model}-{c.filters}, '
       f'{c.n_way}-way {c.shot}-shot {c.query} query, {c.meta_batch} tasks, K={c.inner_steps}, '
       f'strategy [{C.strategy_label(exp.strategy)}]; {source}.', '',
       C.markdown_table(['part', 'time', 'how'], rows), '',
