@@ -56,7 +56,7 @@ def default_spec() -> Spec:
   return Spec(mm.default_strategy(), DEFAULT_CONV, mm.models.default_layout())
 
 
-def _strategy(s: str) -> Spec:
+def parse_spec(s: str) -> Spec:
   """'tasks:unroll[:map_remat[:conv[:layout[:icnn]]]]' -> Spec; omitted fields are the
   default's."""
   tasks, unroll, *rest = s.split(':')
@@ -82,8 +82,8 @@ def main(argv=None):
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--warmup', type=int, default=1)
-  p.add_argument('--strategies', type=lambda s: [_strategy(x) for x in s.split(',') if x],
-                 default=[_strategy(x) for x in ('loop:full', 'loop:1', 'vmap:full', 'vmap:1')])
+  p.add_argument('--strategies', type=lambda s: [parse_spec(x) for x in s.split(',') if x],
+                 default=[parse_spec(x) for x in ('loop:full', 'loop:1', 'vmap:full', 'vmap:1')])
   p.add_argument('--no_cache', action='store_true')
   p.add_argument('--default_malloc', action='store_true',
                  help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")

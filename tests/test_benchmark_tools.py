@@ -1,5 +1,6 @@
 """The benchmarks' measuring tools: FLOP counts, device ceilings, option parsing, stand-ins."""
 
+import collections
 import os
 import sys
 
@@ -12,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks/ is a top-level folder, not an installed package
 
 from benchmarks import common as C  # noqa: E402  pylint: disable=g-import-not-at-top
-from benchmarks import strategies, table5, train_time  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import profile, strategies, table5, train_time  # noqa: E402  pylint: disable=g-import-not-at-top
 import mirrormeta as mm  # noqa: E402  pylint: disable=g-import-not-at-top
 from experiments import configs  # noqa: E402  pylint: disable=g-import-not-at-top
 from mirrormeta import data  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -69,17 +70,17 @@ def test_interleaved_timing_stops_before_the_deadline():
 
 
 def test_strategy_spec_fills_the_backend_defaults():
-  s, conv, layout, icnn = strategies._strategy('vmap:1')
+  s, conv, layout, icnn = strategies.parse_spec('vmap:1')
   assert (s.tasks, s.unroll, conv, layout, icnn) == ('vmap', 1, 'mirrormeta',
                                                      mm.models.default_layout(), 'block_major')
   assert s.map_remat == mm.default_strategy().map_remat
-  s, conv, layout, icnn = strategies._strategy('loop:full:checkpoint:lax:NCHW:natural')
+  s, conv, layout, icnn = strategies.parse_spec('loop:full:checkpoint:lax:NCHW:natural')
   assert (s.tasks, s.unroll, s.map_remat, conv, layout, icnn) == ('loop', True, 'checkpoint',
                                                                   'lax', 'NCHW', 'natural')
   for bad in ('loop:full:tied:lax:NWHC', 'loops:1', 'loop:1:tied:cudnn',
               'loop:1:tied:lax:NHWC:channel_major', 'loop:1:tied:lax:NHWC:natural:x'):
     with pytest.raises(ValueError, match='tasks:unroll'):
-      strategies._strategy(bad)
+      strategies.parse_spec(bad)
 
 
 def test_train_time_overrides_are_checked_by_the_config():
@@ -120,3 +121,35 @@ def test_train_time_projects_the_smoke_run(tmp_path, monkeypatch, omniglot_dir):
   curve_ratio = float(rows['one validation with the per-step curve'][1].split(': ')[1][:-3])
   assert curve_ratio > 1.5
   assert '] projected whole run' in text and '40 steps, 2 validations, test' in text
+
+
+def _inner_step(theta_h, z, x):
+  """A model layer and a mirror map: the profiler should tell their operations apart."""
+  phi = mm.primal_map(mm.conjugates.icnn(width=2).apply, theta_h, z)
+  y = jax.lax.conv_general_dilated(x, phi['w'], (1, 1), 'SAME',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jnp.tanh(y).sum()
+
+
+def test_profile_names_operations_by_kind_and_code_and_splits_interleaved_runs():
+  z = {'w': jnp.ones((3, 3, 2, 4)) * 0.1}
+  theta_h = mm.conjugates.icnn(width=2).init(jax.random.key(0), z)
+  x = jnp.ones((2, 8, 8, 2))
+  grad = jax.jit(jax.grad(_inner_step, argnums=(0, 1))).lower(theta_h, z, x).compile()
+  tanh = jax.jit(lambda x: jnp.tanh(x) * 2).lower(x).compile()
+  ops = profile.hlo_ops(grad, roots=(os.path.dirname(os.path.abspath(__file__)),))
+  kinds = collections.Counter(op.kind for op in ops.values())
+  assert kinds['convolution'] >= 2  # forward, and the kernel's and input's gradients
+  # Frames are read back to the test's own function, and (in mirrormeta/) to primal_map.
+  assert any(op.source == 'test_benchmark_tools.py:_inner_step' for op in ops.values())
+  assert any(op.in_map for op in ops.values())
+  assert not any(op.in_map for op in ops.values() if op.kind == 'convolution')
+  assert all(op.source == '(convolutions)' for op in ops.values() if op.kind == 'convolution')
+  # Calls of two programs, interleaved, are told apart by their executions in the trace.
+  calls = [lambda: jax.block_until_ready(grad(theta_h, z, x)),
+           lambda: jax.block_until_ready(tanh(x))] * 2
+  times, walls = profile.trace_calls(calls)
+  assert len(times) == len(walls) == 4 and all(w > 0 for w in walls)
+  assert set(times[0]) == set(times[2]) and set(times[1]) == set(times[3])
+  assert set(times[0]) <= set(ops) and not set(times[0]) & set(times[1])
+  assert sum(times[0].values()) > 0
