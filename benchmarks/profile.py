@@ -2,7 +2,7 @@
 (figures, not a test).
 
     python -m benchmarks.profile [--shape=omniglot] [--algorithms=maml,metamida] [--steps=5]
-        [--strategy=SPEC] [--rounds=5] [--top=12] [--out=profile]
+        [--strategy=SPEC] [--rounds=5] [--top=12] [--out=profile] [--trace_dir=DIR]
 
 Traces each algorithm's meta-step (``benchmarks.common.build``, the runner's build) with
 ``jax.profiler`` for ``--rounds`` steps after a warm-up, and adds up the time of every XLA
@@ -157,21 +157,25 @@ def hlo_ops(compiled, roots: tuple[str, ...] = (PACKAGE,)) -> dict[str, Op]:
   return ops
 
 
-def trace_calls(calls: list[Callable[[], None]]) -> tuple[list[dict[str, float]], list[float]]:
+def trace_calls(calls: list[Callable[[], None]], keep: str | None = None
+                ) -> tuple[list[dict[str, float]], list[float]]:
   """Runs ``calls`` (each blocking until its work is done) in order under ``jax.profiler``;
   for each, ({operation name: seconds}, wall seconds). Device time where the trace has
   device events (GPU), else the host threads' (CPU thunks). An operation belongs to the call
   whose annotated span, on the trace's one timeline, it starts in, so calls of different
-  programs can be interleaved."""
+  programs can be interleaved. ``keep``: a folder to leave the trace in (for Perfetto or
+  TensorBoard), else it is deleted."""
   walls = []
   with tempfile.TemporaryDirectory() as d:
+    d = keep or d
     with jax.profiler.trace(d, create_perfetto_trace=True):
       for i, call in enumerate(calls):
         with jax.profiler.TraceAnnotation(f'{_CALL}{i}'):
           start = time.perf_counter()
           call()
           walls.append(time.perf_counter() - start)
-    path, = glob.glob(os.path.join(d, '**', '*.trace.json.gz'), recursive=True)
+    path = max(glob.glob(os.path.join(d, '**', '*.trace.json.gz'), recursive=True),
+               key=os.path.getmtime)  # a kept folder may hold earlier traces
     with gzip.open(path) as f:
       events = json.load(f)['traceEvents']
   process = {e['pid']: e['args']['name'] for e in events
@@ -198,13 +202,14 @@ class Profile(NamedTuple):
   info: dict[str, Op]
 
 
-def profile(built: dict[str, C.Built], rounds: int) -> dict[str, Profile]:
+def profile(built: dict[str, C.Built], rounds: int, keep: str | None = None
+            ) -> dict[str, Profile]:
   """Each compiled step's profile over ``rounds`` interleaved traced rounds (A B A B ...,
   as the timing benchmarks do, so that the machine's drift hits all alike), after a warm-up."""
   for b in built.values():
     b.run()  # so that the first traced call pays for nothing once-only
   names = list(built) * rounds
-  times, walls = trace_calls([built[n].run for n in names])
+  times, walls = trace_calls([built[n].run for n in names], keep)
   out = {}
   for n, b in built.items():
     mine = [i for i, m in enumerate(names) if m == n]
@@ -278,6 +283,8 @@ def main(argv=None):
   p.add_argument('--rounds', type=int, default=5)
   p.add_argument('--top', type=int, default=12)
   p.add_argument('--out', default='profile')
+  p.add_argument('--trace_dir', default=None,
+                 help='keep the trace here (view it in Perfetto or TensorBoard)')
   args = p.parse_args(argv)
   C.setup()
   env = C.environment()
@@ -286,7 +293,7 @@ def main(argv=None):
   shape = C.SHAPES[args.shape]
   built = {a: C.build(a, shape, args.steps, spec.strategy, conv=spec.conv, layout=spec.layout,
                      block_major=spec.icnn == 'block_major') for a in args.algorithms}
-  profiles = profile(built, args.rounds)
+  profiles = profile(built, args.rounds, args.trace_dir)
   text = '\n'.join([
       f'# Where the meta-step\'s time goes ({jax.default_backend()})', '',
       f'`{C.command("profile", argv)}`  ', env, '',

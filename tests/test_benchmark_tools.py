@@ -131,7 +131,7 @@ def _inner_step(theta_h, z, x):
   return jnp.tanh(y).sum()
 
 
-def test_profile_names_operations_by_kind_and_code_and_splits_interleaved_runs():
+def test_profile_names_operations_by_kind_and_code_and_splits_interleaved_runs(tmp_path):
   z = {'w': jnp.ones((3, 3, 2, 4)) * 0.1}
   theta_h = mm.conjugates.icnn(width=2).init(jax.random.key(0), z)
   x = jnp.ones((2, 8, 8, 2))
@@ -148,7 +148,8 @@ def test_profile_names_operations_by_kind_and_code_and_splits_interleaved_runs()
   # Calls of two programs, interleaved, are told apart by their executions in the trace.
   calls = [lambda: jax.block_until_ready(grad(theta_h, z, x)),
            lambda: jax.block_until_ready(tanh(x))] * 2
-  times, walls = profile.trace_calls(calls)
+  times, walls = profile.trace_calls(calls, keep=str(tmp_path))
+  assert list(tmp_path.glob('**/*.trace.json.gz'))  # kept for a trace viewer
   assert len(times) == len(walls) == 4 and all(w > 0 for w in walls)
   assert set(times[0]) == set(times[2]) and set(times[1]) == set(times[3])
   assert set(times[0]) <= set(ops) and not set(times[0]) & set(times[1])
