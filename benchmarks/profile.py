@@ -5,11 +5,11 @@
         [--strategy=SPEC] [--rounds=5] [--top=12] [--out=profile] [--trace_dir=DIR]
 
 Traces each algorithm's meta-step (``benchmarks.common.build``, the runner's build) with
-``jax.profiler`` for ``--rounds`` steps after a warm-up, and adds up the time of every XLA
-operation in the trace: on CPU the time of each thunk on the thread that ran it (summed over
-threads, so it is the step's work and exceeds its wall time when both cores are busy), on a
-GPU each kernel's time on the device. Each operation is named back, through the compiled
-HLO, to
+``jax.profiler`` for ``--rounds`` steps after a warm-up (interleaved; figures are medians
+over them), and adds up the time of every XLA operation in the trace: on CPU the time of
+each thunk on the thread that ran it (summed over threads, so it is the step's work and
+exceeds its wall time when both cores are busy), on a GPU each kernel's time on the device.
+Each operation is named back, through the compiled HLO, to
 
 * its kind: convolution, dot, reduction, elementwise, data movement (a fusion is named by
   the heaviest operation inside it);
@@ -197,8 +197,8 @@ def trace_calls(calls: list[Callable[[], None]], keep: str | None = None
 
 
 class Profile(NamedTuple):
-  wall: float                   # s per step (median), traced
-  ops: dict[str, float]         # operation -> s per step (mean over the traced steps)
+  walls: list[float]               # s per traced step
+  rounds: list[dict[str, float]]   # per traced step: operation -> s
   info: dict[str, Op]
 
 
@@ -210,29 +210,28 @@ def profile(built: dict[str, C.Built], rounds: int, keep: str | None = None
     b.run()  # so that the first traced call pays for nothing once-only
   names = list(built) * rounds
   times, walls = trace_calls([built[n].run for n in names], keep)
-  out = {}
-  for n, b in built.items():
-    mine = [i for i, m in enumerate(names) if m == n]
-    total = collections.Counter()
-    for i in mine:
-      total.update(times[i])
-    out[n] = Profile(C.median([walls[i] for i in mine]),
-                     {op: s / rounds for op, s in total.items()}, hlo_ops(b.compiled))
-  return out
+  return {n: Profile([w for m, w in zip(names, walls) if m == n],
+                     [t for m, t in zip(names, times) if m == n], hlo_ops(b.compiled))
+          for n, b in built.items()}
 
 
 # An operation the trace names but the HLO text does not (none seen so far).
 _UNNAMED = Op('elementwise', '(not in the HLO)', False)
 
 
-def grouped(p: Profile, key) -> collections.Counter:
-  """Seconds per step by ``key(Op)``, containers left out."""
-  out = collections.Counter()
-  for name, s in p.ops.items():
-    op = p.info.get(name, _UNNAMED)
-    if op.kind is not None:
-      out[key(op)] += s
-  return out
+def grouped(p: Profile, key) -> dict:
+  """Seconds per step by ``key(Op)``, containers left out: the median over the rounds of
+  each group's sum (one slow round does not move it)."""
+  per_round = []
+  for ops in p.rounds:
+    sums = collections.Counter()
+    for name, s in ops.items():
+      op = p.info.get(name, _UNNAMED)
+      if op.kind is not None:
+        sums[key(op)] += s
+    per_round.append(sums)
+  return collections.defaultdict(float, {
+      k: C.median([r[k] for r in per_round]) for k in set().union(*per_round)})
 
 
 def report(profiles: dict[str, Profile], top: int) -> list[str]:
@@ -240,22 +239,23 @@ def report(profiles: dict[str, Profile], top: int) -> list[str]:
   difference from the first), and each one's slowest operations."""
   names = list(profiles)
   header = [*names, *(f'{n} − {names[0]}' for n in names[1:])]
-  busy = {n: sum(grouped(p, lambda op: 0).values()) for n, p in profiles.items()}
+  busy = {n: grouped(p, lambda op: 'all')['all'] for n, p in profiles.items()}
 
   def row(label, seconds, share=True):
     """label, each profile's ms (and share of its operations' time), differences."""
-    return [label, *(f'{1e3 * seconds[n]:.1f}' + (f' ({seconds[n] / busy[n]:.1%})' if share else '')
-                     for n in names),
+    return [label, *(f'{1e3 * seconds[n]:.1f}'
+                     + (f' ({seconds[n] / busy[n]:.1%})' if share else '') for n in names),
             *(f'{1e3 * (seconds[n] - seconds[names[0]]):+.1f}' for n in names[1:])]
 
   lines = [C.markdown_table(['ms per step', *header], [
-      row('wall time (median)', {n: p.wall for n, p in profiles.items()}, share=False),
+      row('wall time', {n: C.median(p.walls) for n, p in profiles.items()}, share=False),
       row("operations' time", busy, share=False),
       row('… under `primal_map` (a lower bound, see below)',
           {n: grouped(p, lambda op: op.in_map)[True] for n, p in profiles.items()})]), '']
   for title, key in (('kind', lambda op: op.kind), ('source', lambda op: op.source)):
     groups = {n: grouped(p, key) for n, p in profiles.items()}
-    keys = sorted(set().union(*groups.values()), key=lambda k: -max(g[k] for g in groups.values()))
+    keys = sorted(set().union(*groups.values()),
+                  key=lambda k: -max(g[k] for g in groups.values()))
     if len(keys) > top:  # the rest in one row
       rest = keys[top - 1:]
       keys = keys[:top - 1] + [f'{len(rest)} more']
@@ -265,8 +265,10 @@ def report(profiles: dict[str, Profile], top: int) -> list[str]:
               C.markdown_table([title, *header], [row(k, {n: groups[n][k] for n in names})
                                                   for k in keys]), '']
   for n, p in profiles.items():
+    per_op = {name: C.median([r.get(name, 0.0) for r in p.rounds])
+              for name in set().union(*p.rounds)}
     rows = [[f'`{name}`', op.kind, op.source, 'yes' if op.in_map else '', f'{1e3 * s:.1f}']
-            for name, s in sorted(p.ops.items(), key=lambda kv: -kv[1])[:top]
+            for name, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
             for op in [p.info.get(name, _UNNAMED)]]
     lines += [f'Slowest operations, {n}:', '',
               C.markdown_table(['operation', 'kind', 'source', 'map', 'ms per step'], rows), '']
@@ -299,7 +301,8 @@ def main(argv=None):
       f'`{C.command("profile", argv)}`  ', env, '',
       f'Second order, K={args.steps}, {shape.name}-shaped {shape.image} Conv4-{shape.filters}, '
       f'{C.N_WAY}-way {C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks, strategy '
-      f'`{spec.name}`; {args.rounds} traced steps each, interleaved, after a warm-up. '
+      f'`{spec.name}`; {args.rounds} traced steps each, interleaved, after a warm-up; every '
+      'figure is a median over them. '
       "Operations' time: " + ("each kernel's time on the device." if jax.default_backend() != 'cpu'
                               else "each thunk's time on the thread that ran it, summed over "
                                    'threads.'), '',
