@@ -266,7 +266,7 @@ def report(profiles: dict[str, Profile], top: int) -> list[str]:
                                                   for k in keys]), '']
   for n, p in profiles.items():
     per_op = {name: C.median([r.get(name, 0.0) for r in p.rounds])
-              for name in set().union(*p.rounds)}
+              for name in set().union(*p.rounds) if p.info.get(name, _UNNAMED).kind}
     rows = [[f'`{name}`', op.kind, op.source, 'yes' if op.in_map else '', f'{1e3 * s:.1f}']
             for name, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
             for op in [p.info.get(name, _UNNAMED)]]

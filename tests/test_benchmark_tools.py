@@ -139,13 +139,13 @@ def test_profile_names_operations_by_kind_and_code_and_splits_interleaved_runs(t
   tanh = jax.jit(lambda x: jnp.tanh(x) * 2).lower(x).compile()
   ops = profile.hlo_ops(grad, roots=(os.path.dirname(os.path.abspath(__file__)),))
   kinds = collections.Counter(op.kind for op in ops.values())
-  assert kinds['convolution'] >= 2  # forward, and the kernel's and input's gradients
+  assert kinds['convolution'] >= 2  # forward, and the kernel's gradient
   # Frames are read back to the test's own function, and (in mirrormeta/) to primal_map.
   assert any(op.source == 'test_benchmark_tools.py:_inner_step' for op in ops.values())
   assert any(op.in_map for op in ops.values())
   assert not any(op.in_map for op in ops.values() if op.kind == 'convolution')
   assert all(op.source == '(convolutions)' for op in ops.values() if op.kind == 'convolution')
-  # Calls of two programs, interleaved, are told apart by their executions in the trace.
+  # Calls of two programs, interleaved, are told apart by their annotated spans.
   calls = [lambda: jax.block_until_ready(grad(theta_h, z, x)),
            lambda: jax.block_until_ready(tanh(x))] * 2
   times, walls = profile.trace_calls(calls, keep=str(tmp_path))
@@ -154,3 +154,22 @@ def test_profile_names_operations_by_kind_and_code_and_splits_interleaved_runs(t
   assert set(times[0]) == set(times[2]) and set(times[1]) == set(times[3])
   assert set(times[0]) <= set(ops) and not set(times[0]) & set(times[1])
   assert sum(times[0].values()) > 0
+
+
+def test_profile_report_takes_medians_over_rounds_and_differences():
+  Op = profile.Op
+  info = {'conv': Op('convolution', '(convolutions)', False),
+          'sig': Op('elementwise', 'conjugates.py:icnn.slope', True),
+          'loop': Op(None, '(elsewhere)', False)}  # a container (a while loop)
+  # Three rounds each; one slow round must not move a median.
+  maml = profile.Profile([1.0, 1.1, 5.0], [{'conv': 0.8}, {'conv': 0.9}, {'conv': 4.0}], info)
+  mida = profile.Profile([1.2, 1.3, 1.2], [{'conv': 0.9, 'sig': 0.2, 'loop': 9.0}] * 3, info)
+  text = '\n'.join(profile.report({'maml': maml, 'metamida': mida}, top=5))
+  rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1:] for line in text.splitlines()
+          if line.startswith('| ')}
+  assert rows['wall time'] == ['1100.0', '1200.0', '+100.0 |']
+  assert rows["operations' time"] == ['900.0', '1100.0', '+200.0 |']  # the loop not counted
+  assert rows['elementwise'] == ['0.0 (0.0%)', '200.0 (18.2%)', '+200.0 |']
+  assert rows['… under `primal_map` (a lower bound, see below)'][1] == '200.0 (18.2%)'
+  slowest = text.split('Slowest operations, metamida')[1]
+  assert '`sig`' in slowest and '`loop`' not in slowest
