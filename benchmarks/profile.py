@@ -48,8 +48,6 @@ from benchmarks import common as C
 from benchmarks import strategies
 
 PACKAGE = os.path.dirname(os.path.abspath(mm.__file__))
-KINDS = ('convolution', 'dot', 'reduction', 'elementwise', 'data movement',
-         'call (several operations)')
 # Operations that only hold others (a loop, a branch): their own events span the operations
 # inside them, which the trace also has, so counting them would count that time twice. (A
 # GPU command buffer is a 'call' whose kernels may not have events of their own: counted.)
@@ -62,7 +60,7 @@ _CALL = 'benchmarks.profile call '  # the annotation of each traced call
 
 
 class Op(NamedTuple):
-  kind: str | None   # one of KINDS; None for a container (not counted)
+  kind: str | None   # see _kind; None for a container (not counted)
   source: str        # 'file.py:function' of the innermost frame in ``roots``, else
                      # '(convolutions)', '(elsewhere)' or '(not recorded)'
   in_map: bool       # mirrormeta.core.primal_map is on its Python stack
@@ -293,8 +291,7 @@ def main(argv=None):
   print(env)
   spec = args.strategy or strategies.default_spec()
   shape = C.SHAPES[args.shape]
-  built = {a: C.build(a, shape, args.steps, spec.strategy, conv=spec.conv, layout=spec.layout,
-                     block_major=spec.icnn == 'block_major') for a in args.algorithms}
+  built = {a: spec.build(a, shape, args.steps) for a in args.algorithms}
   profiles = profile(built, args.rounds, args.trace_dir)
   text = '\n'.join([
       f'# Where the meta-step\'s time goes ({jax.default_backend()})', '',

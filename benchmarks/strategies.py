@@ -46,6 +46,11 @@ class Spec(NamedTuple):
     # C.strategy_key: Strategy(unroll=True) == Strategy(unroll=1) as Python values.
     return C.strategy_key(self.strategy) + (self.conv, self.layout, self.icnn)
 
+  def build(self, algorithm: str, shape: C.Shape, steps: int) -> C.Built:
+    """The meta-step in this configuration (:func:`benchmarks.common.build`)."""
+    return C.build(algorithm, shape, steps, self.strategy, conv=self.conv, layout=self.layout,
+                   block_major=self.icnn == 'block_major')
+
   @property
   def name(self) -> str:
     s = self.strategy
@@ -82,7 +87,7 @@ def main(argv=None):
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--warmup', type=int, default=1)
-  p.add_argument('--strategies', type=lambda s: [parse_spec(x) for x in s.split(',') if x],
+  p.add_argument('--strategies', type=lambda s: [parse_spec(x) for x in C.csv_list(s)],
                  default=[parse_spec(x) for x in ('loop:full', 'loop:1', 'vmap:full', 'vmap:1')])
   p.add_argument('--no_cache', action='store_true')
   p.add_argument('--default_malloc', action='store_true',
@@ -99,8 +104,7 @@ def main(argv=None):
   specs = list(args.strategies)
   if default.key not in [s.key for s in specs]:
     specs.insert(0, default)
-  built = {s.key: C.build(args.algorithm, shape, args.steps, s.strategy, conv=s.conv,
-                          layout=s.layout, block_major=s.icnn == 'block_major') for s in specs}
+  built = {s.key: s.build(args.algorithm, shape, args.steps) for s in specs}
   names = {s.key: s.name for s in specs}
   times = C.time_interleaved({k: b.run for k, b in built.items()}, repeats=args.repeats,
                              warmup=args.warmup, label=names.get, deadline=deadline)
