@@ -9,6 +9,12 @@ the meta-gradient comes from autograd through the inner gradients:
     L(θ)    = mean_tasks ℓ_val(φ_K)           # query cross-entropy
     θ      ← Adam(θ, ∇_θ L)
 
+and MetaMiDA the same way (``algorithm='metamida'``): the steps move z in dual space and
+φ = ∇h*(z) is MetaMiDA's depth-1 ICNN map in closed form (:func:`icnn_map`, the function of
+``mirrormeta.conjugates.icnn``'s defaults), which autograd differentiates:
+
+    z_0 = θ_z,  φ_k = ∇h*(z_k; θ_h),  z_{k+1} = z_k − α ∇_φ ℓ_trn(φ_k),  (θ_z, θ_h) ← Adam
+
 Conv4 is 4 × [conv3x3 (padding 1) → batch norm with batch statistics only (transductive,
 no running averages) → ReLU → max-pool 2x2 (floor)] → flatten → linear to n_way.
 
@@ -39,13 +45,13 @@ without it and raises ``ImportError`` with install instructions only when called
 
 Usage::
 
-    python -m benchmarks.torch_reference --shape=omniglot --steps=5 --variant=loops
+    python -m benchmarks.torch_reference --shape=omniglot --steps=5 --variant=loops \
+        [--algorithm=maml|metamida]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -55,6 +61,9 @@ import sys
 import time
 
 VARIANTS = ('loops', 'func')
+ALGORITHMS = ('maml', 'metamida')
+# mirrormeta.conjugates.icnn's defaults: depth 1, one network per output channel.
+ICNN = dict(width=8, mu=1e-2, skip_bound=8.0, out_bound=1.0, out_init=1e-3)
 SHAPES = {  # name -> (image_shape HWC, filters): the standard Conv4 settings.
     'omniglot': ((28, 28, 1), 64),
     'mini': ((84, 84, 3), 32),
@@ -131,93 +140,166 @@ def conv4_apply(params, x_NCHW):
   return f.linear(x.flatten(1), params[-2], params[-1])
 
 
+def init_icnn(params, seed=0):
+  """θ_h of MetaMiDA's conjugate for ``params``, as ``mirrormeta.conjugates.icnn()`` builds
+  it: one depth-1 ICNN per output channel, which is axis 0 of every torch parameter.
+
+  Returns:
+    A flat list of raw leaf tensors, [skip, bias, out, quad] per parameter, each
+    ``[channels, width]`` except quad ``[channels]`` (see :func:`icnn_map`).
+  """
+  torch = _torch()
+  gen = torch.Generator().manual_seed(seed)
+  width, mu = ICNN['width'], ICNN['mu']
+  logit = lambda p: float(torch.logit(torch.tensor(p, dtype=torch.float64)))
+  theta_h = []
+  for p in params:
+    kw = dict(dtype=p.dtype)
+    ones = torch.ones(p.shape[0], 1, **kw)
+    theta_h += [
+        ones * (0.5 * torch.randn(width, generator=gen, **kw)),
+        # Kinks spread over [-2, 2] so the network bends at different places.
+        ones * (torch.linspace(-2, 2, width, **kw)
+                + 0.1 * torch.randn(width, generator=gen, **kw)),
+        ones * logit(ICNN['out_init'] / ICNN['out_bound']),
+        torch.full((p.shape[0],), float(torch.log(torch.expm1(torch.tensor(1.0 - mu)))), **kw),
+    ]
+  return [t.to(params[0].device).requires_grad_() for t in theta_h]
+
+
+def icnn_map(theta_h, z):
+  """φ = ∇h*(z; θ_h), per coordinate u of channel b (its raw parameters B̂, c, v̂, Q̂):
+
+      φ = Q u + Σ_w v_w B_w σ'(B_w u + c_w) − Σ_w v_w B_w σ'(c_w)
+
+  with B = M_B tanh(B̂), v = M_v sigmoid(v̂), Q = μ + softplus(Q̂), σ' = sigmoid: the
+  gradient of h*_b(u) = (Q/2) u² + vᵀ softplus(B u + c) − u · (its slope at 0), in closed
+  form, as a PyTorch user would write it.
+  """
+  torch = _torch()
+  f = torch.nn.functional
+  phi = []
+  for i, x in enumerate(z):
+    skip, c, out, quad = theta_h[4 * i:4 * i + 4]
+    b = ICNN['skip_bound'] * torch.tanh(skip)
+    vb = ICNN['out_bound'] * torch.sigmoid(out) * b
+    slope0 = (vb * torch.sigmoid(c)).sum(-1)
+    u = x.reshape(x.shape[0], -1, 1)
+    units = vb[:, None, :] * torch.sigmoid(b[:, None, :] * u + c[:, None, :])
+    phi.append(((ICNN['mu'] + f.softplus(quad))[:, None] * u[..., 0] + units.sum(-1)
+                - slope0[:, None]).reshape(x.shape))
+  return phi
+
+
 def _loss(params, x, y):
   return _torch().nn.functional.cross_entropy(conv4_apply(params, x), y)
 
 
-def meta_loss_loops(params, tasks, steps, inner_lr, first_order=False):
-  """MAML meta-loss with ``torch.autograd.grad`` in Python loops (learn2learn style).
+def meta_loss_loops(params, tasks, steps, inner_lr, first_order=False, theta_h=None):
+  """MAML (or MetaMiDA) meta-loss with ``torch.autograd.grad`` in Python loops
+  (learn2learn style).
 
   Args:
-    params: list of leaf tensors θ.
+    params: list of leaf tensors θ (MetaMiDA: θ_z).
     tasks: list of (x_support, y_support, x_query, y_query).
     steps: number of inner gradient steps K.
     inner_lr: inner step size α.
     first_order: if True the inner gradients are constants (FOMAML).
+    theta_h: MetaMiDA's conjugate parameters (:func:`init_icnn`); None: MAML.
 
   Returns:
-    Scalar mean query cross-entropy over tasks, differentiable w.r.t. ``params``.
+    Scalar mean query cross-entropy over tasks, differentiable w.r.t. ``params`` (and
+    ``theta_h``).
   """
   torch = _torch()
+  # MetaMiDA's φ_0 = ∇h*(θ_z) is the same for every task: computed once.
+  phi0 = list(params) if theta_h is None else icnn_map(theta_h, params)
   losses = []
   for xs, ys, xq, yq in tasks:
-    phi = list(params)
+    z, phi = list(params), phi0
     for _ in range(steps):
       grads = torch.autograd.grad(_loss(phi, xs, ys), phi,
                                   create_graph=not first_order)
-      phi = [p - inner_lr * g for p, g in zip(phi, grads)]
+      if theta_h is None:
+        phi = [p - inner_lr * g for p, g in zip(phi, grads)]
+      else:
+        z = [zi - inner_lr * g for zi, g in zip(z, grads)]
+        phi = icnn_map(theta_h, z)
     losses.append(_loss(phi, xq, yq))
   return torch.stack(losses).mean()
 
 
-def meta_loss_func(params, tasks, steps, inner_lr, first_order=False):
-  """MAML meta-loss with ``torch.func.grad`` inner steps; a pure function of ``params``.
+def meta_loss_func(params, tasks, steps, inner_lr, first_order=False, theta_h=None):
+  """MAML (or MetaMiDA) meta-loss with ``torch.func.grad`` inner steps; a pure function of
+  ``params`` (and ``theta_h``).
 
   Args:
-    params: sequence of tensors θ (no autograd state needed).
+    params: sequence of tensors θ (MetaMiDA: θ_z; no autograd state needed).
     tasks: list of (x_support, y_support, x_query, y_query).
     steps: number of inner gradient steps K.
     inner_lr: inner step size α.
     first_order: if True the inner gradients are constants (FOMAML).
+    theta_h: MetaMiDA's conjugate parameters (:func:`init_icnn`); None: MAML.
 
   Returns:
     Scalar mean query cross-entropy over tasks.
   """
   torch = _torch()
   inner_grad = torch.func.grad(_loss)
+  phi0 = tuple(params) if theta_h is None else tuple(icnn_map(theta_h, params))
   losses = []
   for xs, ys, xq, yq in tasks:
-    phi = tuple(params)
+    z, phi = tuple(params), phi0
     for _ in range(steps):
       grads = inner_grad(phi, xs, ys)
       if first_order:
         grads = tuple(g.detach() for g in grads)
-      phi = tuple(p - inner_lr * g for p, g in zip(phi, grads))
+      if theta_h is None:
+        phi = tuple(p - inner_lr * g for p, g in zip(phi, grads))
+      else:
+        z = tuple(zi - inner_lr * g for zi, g in zip(z, grads))
+        phi = tuple(icnn_map(theta_h, z))
     losses.append(_loss(phi, xq, yq))
   return torch.stack(losses).mean()
 
 
-def make_meta_step(variant, params, steps, inner_lr, first_order=False, meta_lr=1e-3):
-  """Returns ``step(tasks) -> meta_loss``, one Adam meta-update of ``params`` in place.
+def make_meta_step(variant, params, steps, inner_lr, first_order=False, meta_lr=1e-3,
+                   theta_h=None):
+  """Returns ``step(tasks) -> meta_loss``, one Adam meta-update of ``params`` (and
+  ``theta_h``: MetaMiDA) in place.
 
   Args:
     variant: one of ``VARIANTS``.
-    params: list of leaf tensors θ.
+    params: list of leaf tensors θ (MetaMiDA: θ_z).
     steps: inner steps K.
     inner_lr: inner step size α.
     first_order: FOMAML if True.
     meta_lr: Adam learning rate.
+    theta_h: MetaMiDA's conjugate parameters (:func:`init_icnn`); None: MAML.
   """
   torch = _torch()
   if variant not in VARIANTS:
     raise ValueError(f'variant must be one of {VARIANTS}, got {variant!r}')
-  opt = torch.optim.Adam(params, lr=meta_lr)
+  leaves = list(params) + list(theta_h or [])
+  opt = torch.optim.Adam(leaves, lr=meta_lr)
   if variant == 'loops':
 
     def step(tasks):
       opt.zero_grad(set_to_none=True)
-      loss = meta_loss_loops(params, tasks, steps, inner_lr, first_order)
+      loss = meta_loss_loops(params, tasks, steps, inner_lr, first_order, theta_h)
       loss.backward()
       opt.step()
       return loss.detach()
   else:
-    grad_and_loss = torch.func.grad_and_value(functools.partial(
-        meta_loss_func, steps=steps, inner_lr=inner_lr, first_order=first_order))
+    n = len(params)
+    grad_and_loss = torch.func.grad_and_value(
+        lambda ls, tasks: meta_loss_func(ls[:n], tasks, steps, inner_lr, first_order,
+                                         ls[n:] if theta_h else None))
 
     def step(tasks):
       # Detached inputs: torch.func differentiates, autograd must not record too.
-      grads, loss = grad_and_loss([p.detach() for p in params], tasks)
-      for p, g in zip(params, grads):
+      grads, loss = grad_and_loss([p.detach() for p in leaves], tasks)
+      for p, g in zip(leaves, grads):
         p.grad = g
       opt.step()
       return loss
@@ -272,10 +354,13 @@ def _build(cfg):
     torch.backends.cudnn.benchmark = True
   cfg['image_shape'] = tuple(cfg['image_shape'])  # JSON made it a list.
   params = init_conv4(cfg['image_shape'], cfg['filters'], cfg['n_way'], device=device)
+  if cfg['algorithm'] not in ALGORITHMS:
+    raise ValueError(f'algorithm must be one of {ALGORITHMS}, got {cfg["algorithm"]!r}')
+  theta_h = init_icnn(params) if cfg['algorithm'] == 'metamida' else None
   tasks = random_tasks(cfg['tasks'], cfg['image_shape'], cfg['n_way'], cfg['shot'],
                        cfg['query'], device=device)
   step = make_meta_step(cfg['variant'], params, cfg['steps'], cfg['inner_lr'],
-                        cfg['first_order'])
+                        cfg['first_order'], theta_h=theta_h)
   sync = torch.cuda.synchronize if cuda else (lambda: None)
   return step, tasks, sync, cuda
 
@@ -340,13 +425,13 @@ class Worker:
 
   def __init__(self, variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5, shot=1,
                query=15, tasks=4, steps=5, first_order=False, inner_lr=0.01,
-               threads=None, device='cpu'):
+               threads=None, device='cpu', algorithm='maml'):
     import tempfile  # pylint: disable=g-import-not-at-top
     _torch()  # Fail here with the clear message rather than inside the child process.
     cfg = dict(variant=variant, image_shape=tuple(image_shape), filters=filters,
                n_way=n_way, shot=shot, query=query, tasks=tasks, steps=steps,
                first_order=first_order, inner_lr=inner_lr,
-               threads=threads or available_cores(), device=device)
+               threads=threads or available_cores(), device=device, algorithm=algorithm)
     self._stderr = tempfile.TemporaryFile(mode='w+')
     # A plain subprocess, not multiprocessing's spawn: spawn re-imports the caller's
     # __main__, which breaks (or reruns) unguarded benchmark scripts.
@@ -382,8 +467,9 @@ class Worker:
 
 def time_meta_step(variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5, shot=1,
                    query=15, tasks=4, steps=5, first_order=False, inner_lr=None,
-                   warmup=2, repeats=5, threads=None, device='cpu'):
-  """Times one Conv4 MAML meta-step (inner loops, meta-backward, Adam) on random data.
+                   warmup=2, repeats=5, threads=None, device='cpu', algorithm='maml'):
+  """Times one Conv4 MAML (or MetaMiDA) meta-step (inner loops, meta-backward, Adam) on
+  random data.
 
   Memory method: everything runs in a fresh Python subprocess (a :class:`Worker` measured
   once), so the RSS high-water
@@ -409,6 +495,7 @@ def time_meta_step(variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5
     threads: ``torch.set_num_threads`` value; None means the cores available.
     device: 'cpu' or 'cuda' (then ``peak_rss_mb`` is the CUDA caching allocator's peak
       of allocated bytes over the timed steps above what was allocated before them).
+    algorithm: one of ``ALGORITHMS``.
 
   Returns:
     dict(seconds_per_step=median seconds, all=list of seconds, peak_rss_mb=float,
@@ -417,7 +504,7 @@ def time_meta_step(variant='loops', image_shape=(28, 28, 1), filters=64, n_way=5
   if inner_lr is None:
     inner_lr = 0.4 if max(image_shape[:2]) <= 28 else 0.01
   with Worker(variant, image_shape, filters, n_way, shot, query, tasks, steps, first_order,
-              inner_lr, threads, device) as worker:
+              inner_lr, threads, device, algorithm) as worker:
     return worker.measure(warmup, repeats)
 
 
@@ -425,6 +512,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--shape', choices=sorted(SHAPES), default='omniglot')
   parser.add_argument('--variant', choices=VARIANTS, default='loops')
+  parser.add_argument('--algorithm', choices=ALGORITHMS, default='maml')
   parser.add_argument('--steps', type=int, default=5, help='inner steps K')
   parser.add_argument('--first_order', action='store_true')
   parser.add_argument('--tasks', type=int, default=4)
@@ -443,11 +531,12 @@ def main(argv=None):
   r = time_meta_step(args.variant, image_shape, filters, args.n_way, args.shot,
                      args.query, args.tasks, args.steps, args.first_order,
                      warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                     device=args.device)
+                     device=args.device, algorithm=args.algorithm)
   order = 'first' if args.first_order else 'second'
   print(f'torch {r["torch_version"]} on {args.device}, {r["threads"]} threads | {args.shape} '
         f'{image_shape} filters={filters} {args.n_way}w{args.shot}s {args.query}q '
-        f'tasks={args.tasks} K={args.steps} {order}-order variant={args.variant}')
+        f'tasks={args.tasks} K={args.steps} {order}-order {args.algorithm} '
+        f'variant={args.variant}')
   times = ' '.join(f'{t:.3f}' for t in r['all'])
   print(f'{r["seconds_per_step"]:.3f} s/step (median; all: {times})')
   if args.device == 'cpu':

@@ -1,5 +1,6 @@
 """The math of DESIGN.md §1 against closed forms: MAML, preconditioned GD, EG, ICNN bounds."""
 import functools
+import warnings
 import unittest.mock
 
 import chex
@@ -458,3 +459,55 @@ def test_bad_input_raises_one_clear_error():
     mm.adapt(euclid, {}, params, lambda p, b: MLP.apply(p, b[0]), batch, steps=1, lr=0.1)
   with pytest.raises(mm.MirrormetaError, match='granularity'):
     conjugates.icnn(granularity='layer')
+
+
+# ------------------------------------------------------- an XLA:CPU float64 miscompile
+
+
+@pytest.mark.xfail(raises=AssertionError, reason='XLA:CPU miscompiles this float64 program under jit(vmap) (jaxlib '
+                          '0.10.2); mirrormeta.meta warns for float64 + vmap on CPU. If this '
+                          'passes, the upstream bug is fixed: drop the warning.')
+def test_xla_cpu_float64_vmap_miscompile():
+  """Two conv → batch-norm statistics → 2x2 max-pool blocks, per-task weights: the float64
+  gradient of jit(vmap(·)) against one jit per task (and against vmap without jit, which
+  agrees with the loop). XLA_FLAGS=--xla_disable_hlo_passes=algsimp, or =fusion, or
+  --xla_backend_optimization_level=0 make it agree."""
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def block(x, w):
+    y = conv(x, w)
+    m = y.mean((0, 1, 2))
+    y = (y - m) * jax.lax.rsqrt((y * y).mean((0, 1, 2)) - jax.lax.square(m) + 1e-5)
+    n, h, w_, c = y.shape
+    return y.reshape(n, h // 2, 2, w_ // 2, 2, c).max(axis=(2, 4))
+
+  grad = jax.grad(lambda w1, w2, x: jnp.sum(jnp.sin(block(block(x, w1), w2))), argnums=(0, 1))
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    w1, w2, x = (rng.normal(size=s) for s in ((2, 3, 3, 1, 4), (2, 3, 3, 4, 4), (2, 3, 8, 8, 1)))
+    batched = jax.jit(jax.vmap(grad))(w1, w2, x)
+    for i in range(2):
+      for got, want in zip(batched, jax.jit(grad)(w1[i], w2[i], x[i])):
+        np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-12)
+
+
+def test_meta_loss_warns_of_float64_vmap_on_cpu():
+  model = models.functional(models.MLP((4,)), jnp.zeros((1, 1)))
+  loss_fn = models.regression_loss(model.apply)
+  conj = conjugates.euclidean()
+
+  def trace(dtype, strategy):
+    theta = jax.tree.map(lambda x: x.astype(dtype),
+                         mm.init_meta_params(conj, model.init(jax.random.key(0)), None))
+    batch = (jnp.zeros((2, 3, 1), dtype), jnp.zeros((2, 3, 1), dtype))
+    jax.make_jaxpr(lambda t: mm.meta_loss(t, batch, batch, h_star=conj.apply, loss_fn=loss_fn,
+                                          steps=1, lr=0.1, strategy=strategy))(theta)
+
+  with jax.enable_x64(True):
+    with pytest.warns(RuntimeWarning, match=r"float64 .*Strategy\(tasks='loop'\)"):
+      trace(jnp.float64, mm.Strategy('vmap', 1))
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')
+      trace(jnp.float64, mm.Strategy('loop', 1))
+      trace(jnp.float32, mm.Strategy('vmap', 1))
