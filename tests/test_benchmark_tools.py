@@ -45,7 +45,7 @@ def test_gpu_target_is_three_times_faster_than_pytorch():
     memory = {'peak': 1.0}
   maml = [0.02, 0.021, 0.019, 0.02, 0.022, 0.02]
   times = {('maml', 5): maml}
-  torch_times = {'loops': [2 * t for t in maml]}  # mirrormeta at 0.5x PyTorch's time
+  torch_times = {('maml', 'loops'): [2 * t for t in maml]}  # mirrormeta at 0.5x PyTorch's time
   verdict = lambda device: table5.targets(None, {('maml', 5): Built()}, times, torch_times,
                                           [5], 1, device)[0].split(']')[0][3:]
   assert verdict('cpu') == 'MET'  # <= 0.8

@@ -37,7 +37,7 @@ def test_targets_read_met_not_met_or_within_noise():
   built = {key: _Built(100.0, flops=(19.3e9 if key == ('metamida', 1) else 31.8e9))
            for key in times}
   # Three torch steps per round, each round's median 2x MAML's: ratio 0.5, MET.
-  torch_times = {'loops': [2 * t * f for t in maml for f in (0.9, 1.0, 1.1)]}
+  torch_times = {('maml', 'loops'): [2 * t * f for t in maml for f in (0.9, 1.0, 1.1)]}
   lines = table5.targets(None, built, times, torch_times, [1, 5], torch_repeats=3)
   verdict = lambda prefix: next(l for l in lines if prefix in l).split(']')[0][3:]
   assert verdict('PyTorch') == 'MET' and ': 0.500,' in lines[0]
@@ -45,3 +45,8 @@ def test_targets_read_met_not_met_or_within_noise():
   assert verdict('K=1 / MAML K=5') == 'NOT MET'
   assert 'work: 0.61 of the FLOPs' in next(l for l in lines if 'K=1 / MAML K=5' in l)
   assert verdict('memory at K=5') == 'MET'
+  # MetaMiDA against its own PyTorch reference, held to the same bar.
+  torch_times[('metamida', 'loops')] = [t for t in times['metamida', 5] for _ in range(3)]
+  lines = table5.targets(None, built, times, torch_times, [5], torch_repeats=3)
+  line = next(l for l in lines if 'PyTorch MetaMiDA' in l)
+  assert line.startswith('- [NOT MET] mirrormeta MetaMiDA K=5 / PyTorch MetaMiDA') and ': 1.000' in line
