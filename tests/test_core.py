@@ -305,7 +305,12 @@ def test_icnn_starts_near_identity(granularity):
 
 # ----------------------------------------------------------------- finite differences
 
+# These run float64 under meta_loss's default vmap over tasks on an MLP: no convolutions, so
+# not the XLA:CPU miscompile that meta_loss warns of (test_xla_cpu_float64_vmap_miscompile).
+MLP_FLOAT64_VMAP = pytest.mark.filterwarnings('ignore:mirrormeta. float64 parameters:RuntimeWarning')
 
+
+@MLP_FLOAT64_VMAP
 @pytest.mark.parametrize('conj', [conjugates.euclidean(), conjugates.diagonal(),
                                   conjugates.kronecker(), conjugates.icnn(width=4)],
                          ids=['euclidean', 'diagonal', 'kronecker', 'icnn'])
@@ -329,6 +334,7 @@ def test_meta_gradient_matches_finite_differences(conj, map_remat):
     np.testing.assert_allclose(analytic, fd, rtol=1e-5)
 
 
+@MLP_FLOAT64_VMAP
 def test_first_order_matches_finite_differences_of_its_surrogate():
   """FO-MAML's meta-gradient is ∇ℓ_val(φ_K) chained through z_K = θ_z − α Σ sg(g_k)."""
   with jax.enable_x64(True):
