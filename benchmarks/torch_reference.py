@@ -52,6 +52,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -195,6 +196,12 @@ def _loss(params, x, y):
   return _torch().nn.functional.cross_entropy(conv4_apply(params, x), y)
 
 
+def _primal_map(theta_h):
+  """z -> φ: MetaMiDA's :func:`icnn_map`, or MAML's identity (theta_h None), so that both
+  run the same mirror step z ← z − α ∇_φ ℓ(φ), φ = map(z)."""
+  return list if theta_h is None else functools.partial(icnn_map, theta_h)
+
+
 def meta_loss_loops(params, tasks, steps, inner_lr, first_order=False, theta_h=None):
   """MAML (or MetaMiDA) meta-loss with ``torch.autograd.grad`` in Python loops
   (learn2learn style).
@@ -212,19 +219,16 @@ def meta_loss_loops(params, tasks, steps, inner_lr, first_order=False, theta_h=N
     ``theta_h``).
   """
   torch = _torch()
-  # MetaMiDA's φ_0 = ∇h*(θ_z) is the same for every task: computed once.
-  phi0 = list(params) if theta_h is None else icnn_map(theta_h, params)
+  primal = _primal_map(theta_h)
+  phi0 = primal(params)  # the same for every task: computed once
   losses = []
   for xs, ys, xq, yq in tasks:
-    z, phi = list(params), phi0
+    z, phi = params, phi0
     for _ in range(steps):
       grads = torch.autograd.grad(_loss(phi, xs, ys), phi,
                                   create_graph=not first_order)
-      if theta_h is None:
-        phi = [p - inner_lr * g for p, g in zip(phi, grads)]
-      else:
-        z = [zi - inner_lr * g for zi, g in zip(z, grads)]
-        phi = icnn_map(theta_h, z)
+      z = [zi - inner_lr * g for zi, g in zip(z, grads)]
+      phi = primal(z)
     losses.append(_loss(phi, xq, yq))
   return torch.stack(losses).mean()
 
@@ -246,19 +250,17 @@ def meta_loss_func(params, tasks, steps, inner_lr, first_order=False, theta_h=No
   """
   torch = _torch()
   inner_grad = torch.func.grad(_loss)
-  phi0 = tuple(params) if theta_h is None else tuple(icnn_map(theta_h, params))
+  primal = _primal_map(theta_h)
+  phi0 = primal(params)  # the same for every task: computed once
   losses = []
   for xs, ys, xq, yq in tasks:
-    z, phi = tuple(params), phi0
+    z, phi = params, phi0
     for _ in range(steps):
       grads = inner_grad(phi, xs, ys)
       if first_order:
-        grads = tuple(g.detach() for g in grads)
-      if theta_h is None:
-        phi = tuple(p - inner_lr * g for p, g in zip(phi, grads))
-      else:
-        z = tuple(zi - inner_lr * g for zi, g in zip(z, grads))
-        phi = tuple(icnn_map(theta_h, z))
+        grads = [g.detach() for g in grads]
+      z = [zi - inner_lr * g for zi, g in zip(z, grads)]
+      phi = primal(z)
     losses.append(_loss(phi, xq, yq))
   return torch.stack(losses).mean()
 

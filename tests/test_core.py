@@ -470,7 +470,8 @@ def test_bad_input_raises_one_clear_error():
 # ------------------------------------------------------- an XLA:CPU float64 miscompile
 
 
-@pytest.mark.xfail(raises=AssertionError, reason='XLA:CPU miscompiles this float64 program under jit(vmap) (jaxlib '
+@pytest.mark.xfail(raises=AssertionError,
+                   reason='XLA:CPU miscompiles this float64 program under jit(vmap) (jaxlib '
                           '0.10.2); mirrormeta.meta warns for float64 + vmap on CPU. If this '
                           'passes, the upstream bug is fixed: drop the warning.')
 def test_xla_cpu_float64_vmap_miscompile():
