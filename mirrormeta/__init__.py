@@ -7,7 +7,7 @@
     z = mm.mirror_step(conj.apply, theta_h, z, grads, lr)
     phi_K, info = mm.adapt(conj.apply, theta_h, z0, loss_fn, batch, steps=K, lr=alpha)
 """
-from mirrormeta import conjugates, models, runtime
+from mirrormeta import conjugates, models, native, runtime
 from mirrormeta.core import AdaptInfo, adapt, mirror_step, primal_map
 from mirrormeta.errors import MirrormetaError
 from mirrormeta.meta import (MetaParams, MetaStep, Strategy, TrainState, default_strategy,

@@ -29,6 +29,7 @@ import numpy as np
 
 from jax.custom_derivatives import SymbolicZero
 
+from mirrormeta import native as _native
 from mirrormeta.errors import MirrormetaError
 
 PyTree = Any
@@ -162,7 +163,8 @@ GRANULARITIES = ('tensor', 'channel', 'coordinate')
 
 def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float = 1.0,
          skip_bound: float = 8.0, out_bound: float = 1.0, out_init: float = 1e-3,
-         granularity: str = 'channel', block_major: bool = True) -> ConjugateDGF:
+         granularity: str = 'channel', block_major: bool = True,
+         native: bool = False) -> ConjugateDGF:
   """MetaMiDA's learned conjugate: a separable input-convex network (Theorem 1, Remark 1).
 
   For every coordinate u of z (a scalar), with the parameters of its block b:
@@ -200,6 +202,12 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
       rest] (True) or in the kernel's own order (False); the same function, parameters and
       derivatives either way. See blocks_leading below for why True is the default, and where
       False was faster.
+    native: compute the map and its reverse-mode derivative with the CPU kernel of
+      :mod:`mirrormeta.native`, on each tensor in its own order (``block_major`` then
+      concerns XLA's map only); depth 1 and 'channel' granularity; float32 tensors of rank
+      >= 1 (others use XLA's map). The same function; reverse mode only (like
+      ``map_remat='tied'``); built on first use with the system C++ compiler. Why: see
+      :mod:`mirrormeta.native`.
   """
   sigma, kappa = jax.nn.softplus, 0.25  # σ and sup σ'' (enters the Lipschitz bound)
   if granularity not in GRANULARITIES:
@@ -210,6 +218,10 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
     raise MirrormetaError(f'icnn mu must be in (0, 1) (the init is ∇h* ≈ identity), got {mu}')
   if not 0 < out_init < out_bound:
     raise MirrormetaError(f'icnn out_init must be in (0, out_bound={out_bound}), got {out_init}')
+  if native and not _native.covers(depth, granularity):
+    raise MirrormetaError(
+        "icnn's native map covers depth 1 and granularity 'channel', got "
+        f'depth={depth}, granularity={granularity!r}; use native=False for the others')
 
   def constrained(p):
     return {
@@ -347,7 +359,19 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
     return block(jax.tree.map(lambda a: a[:, None], p)), _blocks_first(x)  # q: [C, 1, ...]
 
   def reordered(x):
-    return block_major and granularity == 'channel' and x.ndim >= 2
+    return block_major and granularity == 'channel' and x.ndim >= 2 and not native_for(x)
+
+  def native_for(x):
+    return native and x.ndim >= 1 and x.dtype == jnp.float32
+
+  def block_map(q, x):
+    """φ of (q, x) from :func:`blocks_leading`: the native kernel's, on x in its own order
+    ([..., C] as [R, C]; q's leaves [C, W] and [C]), else :func:`slope`."""
+    if native_for(x):
+      b, c, v = (a.T for a in (q['skip'][0], q['bias'][0], q['out']))  # [W, C]
+      phi = _native.icnn_slope(b, c, v * b, q['quad'], q['slope0'], x.reshape(-1, x.shape[-1]))
+      return phi.reshape(x.shape)
+    return slope(q, x)
 
   def h_star(theta_h, z):
     return sum(value(*blocks_leading(p, x)) for p, x in _matched(theta_h, z, 'icnn'))
@@ -372,7 +396,7 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
       d_out += jax.jvp(lambda t: h_star(t, z), (theta_h,), (d_theta,))[1]
     for (q, x), t in zip(blocks, jax.tree.leaves(d_z, is_leaf=zero)):  # z's leaf order
       if not zero(t):
-        d_out += jnp.vdot(slope(q, x), _blocks_first(t) if reordered(t) else t)
+        d_out += jnp.vdot(block_map(q, x), _blocks_first(t) if reordered(t) else t)
     return out, d_out
 
   def bounds(theta_h):
