@@ -166,9 +166,14 @@ def random_tasks(shape: Shape, seed: int = 0, tasks: int = TASKS):
 
 def make_step(algorithm: str, shape: Shape, steps: int, strategy: mm.Strategy | None = None,
               first_order: bool | None = None, inner_lr: float = INNER_LR,
-              conv: str = 'mirrormeta', layout: str = 'NHWC', block_major: bool = True):
-  """(meta: MetaStep, theta: MetaParams, support, query, first_order) as the runner builds."""
-  alg = algorithms.get(algorithm, icnn={'block_major': block_major},
+              conv: str = 'mirrormeta', layout: str = 'NHWC', block_major: bool = True,
+              native: bool | None = None):
+  """(meta: MetaStep, theta: MetaParams, support, query, first_order) as the runner builds;
+  ``native``: MetaMiDA's map as the CPU kernel (None: ``mirrormeta.native.default``, as the
+  runner's ``strategy.icnn_map='auto'``)."""
+  if native is None:
+    native = mm.native.default()
+  alg = algorithms.get(algorithm, icnn={'block_major': block_major, 'native': native},
                        **({} if first_order is None else {'first_order': first_order}))
   support, query = random_tasks(shape)
   model = models.functional(models.Conv4(num_classes=N_WAY, filters=shape.filters, conv=conv,
@@ -189,19 +194,22 @@ _BUILT: dict[tuple, Built] = {}
 
 def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy | None = None,
           first_order: bool | None = None, verbose: bool = True,
-          conv: str = 'mirrormeta', layout: str = 'NHWC', block_major: bool = True) -> Built:
+          conv: str = 'mirrormeta', layout: str = 'NHWC', block_major: bool = True,
+          native: bool | None = None) -> Built:
   """Compiles (once per process and configuration) the jitted, state-donating meta-step."""
   shape = SHAPES[shape] if isinstance(shape, str) else shape
   strategy = strategy or mm.default_strategy()
+  if native is None:
+    native = mm.native.default()
   # Not the Strategy itself: Strategy(unroll=True) == Strategy(unroll=1) (True == 1 in
   # Python), but full unrolling and lax.scan are different programs.
   key = (algorithm, shape, steps, strategy_key(strategy), first_order, conv, layout,
-         block_major)
+         block_major, native)
   if key in _BUILT and _BUILT[key].compiled is not None:
     return _BUILT[key]
   meta, theta, support, query, fo = make_step(algorithm, shape, steps, strategy, first_order,
                                               conv=conv, layout=layout,
-                                              block_major=block_major)
+                                              block_major=block_major, native=native)
   state = jax.jit(meta.init)(theta)
   t = time.perf_counter()
   compiled = jax.jit(meta.step, donate_argnums=0).lower(state, support, query).compile()

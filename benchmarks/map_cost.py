@@ -8,7 +8,9 @@ recomputation and the transpose, θ_h and z cotangents). This times exactly that
 a jitted function that evaluates the map at 1 + B·K different z on the Conv4 parameter
 shapes and pulls a cotangent back through each, interleaved with the MAML and MetaMiDA
 meta-steps (``benchmarks.common.build``, the runner's build). The map's share of the MAML
-step is what MetaMiDA / MAML − 1 costs unless the map overlaps other work.
+step is what MetaMiDA / MAML − 1 costs unless the map overlaps other work. Both forms of
+the map are timed: XLA's and, where it builds, the native kernel (``mirrormeta.native``,
+the CPU default).
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from benchmarks import common as C
 from mirrormeta import algorithms
 
 
-def map_work(shape: C.Shape, maps: int, strategy: mm.Strategy):
-  """(compiled fn, args): ``maps`` forward + backward passes of the default ICNN map."""
-  conj = algorithms.get('metamida').conjugate
+def map_work(shape: C.Shape, maps: int, strategy: mm.Strategy, native: bool):
+  """(compiled fn, args): ``maps`` forward + backward passes of the ICNN map (``native``:
+  ``mirrormeta.native``'s kernel, else XLA's)."""
+  conj = algorithms.get('metamida', icnn={'native': native}).conjugate
   _, theta, *_ = C.make_step('metamida', shape, 1)  # the meta-steps' θ_z and θ_h
   params, theta_h = theta.z, theta.h
   keys = jax.random.split(jax.random.key(2), 2 * maps)
@@ -58,15 +61,14 @@ def main():
   print(C.environment())
   maml = C.build('maml', shape, args.steps)
   mida = C.build('metamida', shape, args.steps)
-  compiled, work_args = map_work(shape, maps, strategy)
-  cost = compiled.cost_analysis() or {}
-
-  def run_map():
-    jax.block_until_ready(compiled(*work_args))
-
-  map_label = f'{maps} maps forward + backward'
-  times = C.time_interleaved({'maml': maml.run, 'metamida': mida.run, map_label: run_map},
-                             repeats=args.repeats, warmup=2)
+  runs, cost = {'maml': maml.run, 'metamida': mida.run}, {}
+  for native in ([True] if mm.native.available()[0] else []) + [False]:
+    compiled, work_args = map_work(shape, maps, strategy, native)
+    form = 'native' if native else 'XLA'
+    cost[form] = compiled.cost_analysis() or {}
+    runs[f'{maps} maps forward + backward ({form})'] = (
+        lambda c=compiled, a=work_args: jax.block_until_ready(c(*a)))
+  times = C.time_interleaved(runs, repeats=args.repeats, warmup=2)
   def per_round(name):
     mid, lo, hi = C.ratio_interval(times[name], times['maml'])
     return f'{mid:.3f}' + ('' if lo != lo else f' [{lo:.3f}, {hi:.3f}]')
@@ -76,8 +78,9 @@ def main():
       f'K={args.steps}, {C.TASKS} tasks, strategy [{C.strategy_label(strategy)}]', '',
       C.environment(), '',
       C.markdown_table(['work', 's (median)', '/ MAML step (per round; 95% CI)'], rows),
-      '', f'The maps alone: {cost.get("flops", 0) / 1e9:.2f} GFLOP, '
-      f'{cost.get("bytes accessed", 0) / 1e9:.2f} GB accessed (XLA cost analysis).', ''])
+      '', f'XLA\'s maps alone: {cost["XLA"].get("flops", 0) / 1e9:.2f} GFLOP, '
+      f'{cost["XLA"].get("bytes accessed", 0) / 1e9:.2f} GB accessed (XLA cost analysis; '
+      'it does not see into the native kernel).', ''])
   print(text)
   print('saved', C.save(f'map_cost_{shape.name}', text))
 

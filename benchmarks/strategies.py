@@ -6,8 +6,9 @@
 A strategy is written ``tasks:unroll[:map_remat[:conv[:layout[:icnn]]]]`` (e.g.
 ``vmap:full:tied:lax:NCHW``); omitted fields are the backend default's (``conv``:
 ``mirrormeta``, see ``mirrormeta.models.CONVOLUTIONS``; ``layout``:
-``mirrormeta.models.default_layout()``; ``icnn``: ``block_major``, or ``natural`` for
-``mirrormeta.conjugates.icnn(block_major=False)``, MetaMiDA only).
+``mirrormeta.models.default_layout()``; ``icnn``: how MetaMiDA's map is computed,
+``native`` (the CPU kernel of ``mirrormeta.native``, the default where it builds),
+``block_major`` (XLA's map) or ``natural`` (XLA's, ``conjugates.icnn(block_major=False)``).
 
 The same math, second-order meta-step on Omniglot-shaped tasks (28x28x1, Conv4-64, 5-way
 1-shot 15 query, 4 tasks), run with each ``Strategy(tasks, unroll)``: tasks 'loop' (an
@@ -30,7 +31,9 @@ from benchmarks import common as C
 DEFAULT_CONV = 'mirrormeta'
 
 
-ICNN_ORDERS = ('block_major', 'natural')  # conjugates.icnn(block_major=True / False)
+# How the MetaMiDA map is computed: XLA's, block-major or in the kernel's own order
+# (conjugates.icnn(block_major=True / False)), or the native CPU kernel (icnn(native=True)).
+ICNN_ORDERS = ('block_major', 'natural', 'native')
 
 
 class Spec(NamedTuple):
@@ -49,7 +52,7 @@ class Spec(NamedTuple):
   def build(self, algorithm: str, shape: C.Shape, steps: int) -> C.Built:
     """The meta-step in this configuration (:func:`benchmarks.common.build`)."""
     return C.build(algorithm, shape, steps, self.strategy, conv=self.conv, layout=self.layout,
-                   block_major=self.icnn == 'block_major')
+                   block_major=self.icnn != 'natural', native=self.icnn == 'native')
 
   @property
   def name(self) -> str:
@@ -58,7 +61,8 @@ class Spec(NamedTuple):
 
 
 def default_spec() -> Spec:
-  return Spec(mm.default_strategy(), DEFAULT_CONV, mm.models.default_layout())
+  return Spec(mm.default_strategy(), DEFAULT_CONV, mm.models.default_layout(),
+              'native' if mm.native.default() else 'block_major')
 
 
 def parse_spec(s: str) -> Spec:

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -25,7 +26,8 @@ import numpy as np
 import optax
 
 import mirrormeta as mm
-from mirrormeta import algorithms, checkpoint, core, data, evaluate, models, parallel
+from mirrormeta import (algorithms, checkpoint, core, data, evaluate, models, native,
+                        parallel)
 from mirrormeta.errors import MirrormetaError
 
 PyTree = Any
@@ -112,6 +114,11 @@ def check_config(config) -> None:
   if _map_remat(c) not in ('auto',) + core.MAP_REMATS:
     _fail('strategy.map_remat', _map_remat(c),
           f"must be 'auto' or one of {', '.join(core.MAP_REMATS)}")
+  if _icnn_map(c) not in ICNN_MAPS:
+    _fail('strategy.icnn_map', _icnn_map(c), f"must be one of {', '.join(ICNN_MAPS)}")
+  if _icnn_map(c) == 'native' and c.algorithm == 'metamida' and not _icnn_covered(c):
+    _fail('strategy.icnn_map', 'native', "covers icnn.depth=1 and icnn.granularity='channel' "
+          "only; use 'auto' or 'xla'")
   if c.strategy.unroll < 0:
     _fail('strategy.unroll', c.strategy.unroll, 'must be >= 0 (0: fully unrolled)')
 
@@ -152,6 +159,34 @@ def _icnn_block_major(config) -> bool:
   return config.strategy.get('icnn_block_major', True)  # runs stored before the field existed
 
 
+ICNN_MAPS = ('auto', 'native', 'xla')  # config.strategy.icnn_map
+
+
+def _icnn_map(config) -> str:
+  return config.strategy.get('icnn_map', 'auto')  # runs stored before the field existed
+
+
+def _icnn_covered(config) -> bool:
+  icnn = config.icnn.to_dict()
+  return native.covers(icnn.get('depth', 1), icnn.get('granularity', 'channel'))
+
+
+def _icnn_native(config) -> bool:
+  """Whether the MetaMiDA map runs as mirrormeta.native's CPU kernel: icnn_map 'native',
+  or 'auto' (the default) on CPU where the kernel covers the ICNN and builds."""
+  if config.algorithm != 'metamida' or _icnn_map(config) == 'xla':
+    return False
+  if _icnn_map(config) == 'native':
+    native.require()  # one clear error where it cannot build
+    return True
+  if jax.default_backend() != 'cpu' or not _icnn_covered(config):
+    return False
+  ok, why = native.available()
+  if not ok:
+    warnings.warn(f"MetaMiDA runs with XLA's map, slower on CPU: {why}", RuntimeWarning)
+  return ok
+
+
 def _layout(config) -> str:
   """The activations' layout; 'auto' is the backend's measured faster one."""
   layout = config.strategy.get('layout', 'auto')  # runs stored before the field existed
@@ -164,9 +199,10 @@ def _map_remat(config) -> str:
 
 def make_algorithm(config) -> algorithms.Algorithm:
   """The config's algorithm: for MetaMiDA the conjugate of ``config.icnn``, computed as
-  ``config.strategy.icnn_block_major`` says."""
+  ``config.strategy.icnn_block_major`` and ``icnn_map`` say."""
   return algorithms.get(config.algorithm, first_order=config.first_order,
-                        icnn=dict(config.icnn.to_dict(), block_major=_icnn_block_major(config)))
+                        icnn=dict(config.icnn.to_dict(), block_major=_icnn_block_major(config),
+                                  native=_icnn_native(config)))
 
 
 def make_model(config, example_x: np.ndarray) -> models.Model:

@@ -15,7 +15,8 @@ from PIL import Image  # noqa: E402
 
 from experiments import configs, run  # noqa: E402
 from experiments.configs import base  # noqa: E402
-from mirrormeta import MirrormetaError, algorithms, checkpoint, data, models, train  # noqa: E402
+from mirrormeta import (MirrormetaError, algorithms, checkpoint, data, models, native,  # noqa: E402
+                        train)
 
 # Stand-in writers of the data layer's tests (same folder, on sys.path under pytest).
 from test_data import _cifar_standin, _mini_pickles, _tiered_standin  # noqa: E402
@@ -280,7 +281,7 @@ def test_strategy_icnn_block_major_reaches_the_conjugate():
   z = {'kernel': jnp.ones((3, 3, 2, 4))}
   stored, transposes = {}, {}
   for flag in (True, False):
-    c = parse('--config=smoke', '--config.algorithm=metamida',
+    c = parse('--config=smoke', '--config.algorithm=metamida', '--config.strategy.icnn_map=xla',
               f'--config.strategy.icnn_block_major={flag}')
     assert 'block_major' not in c.icnn
     stored[flag] = checkpoint.config_dict(c)
@@ -289,3 +290,27 @@ def test_strategy_icnn_block_major_reaches_the_conjugate():
     transposes[flag] = 'transpose' in str(jaxpr)
   assert checkpoint.config_differences(stored[True], stored[False]) == []
   assert transposes == {True: True, False: False}
+
+
+def test_strategy_icnn_map_reaches_the_conjugate():
+  """'native' computes the MetaMiDA map with mirrormeta.native's kernel, 'xla' without it,
+  'auto' natively on CPU where the kernel builds; an execution option (free to change on
+  resume); a bad value is one clear error."""
+  params = {'kernel': jnp.zeros((3, 3, 2, 4))}
+  z = {'kernel': jnp.ones((3, 3, 2, 4))}
+  stored, uses_kernel = {}, {}
+  for mode in ('native', 'xla', 'auto'):
+    c = parse('--config=smoke', '--config.algorithm=metamida', f'--config.strategy.icnn_map={mode}')
+    train.check_config(c)
+    stored[mode] = checkpoint.config_dict(c)
+    conj = train.make_algorithm(c).conjugate
+    theta_h = conj.init(jax.random.key(0), params)
+    jaxpr = jax.make_jaxpr(jax.grad(conj.apply, argnums=1))(theta_h, z)
+    uses_kernel[mode] = 'mirrormeta_icnn_map_fwd' in str(jaxpr)
+  assert checkpoint.config_differences(stored['native'], stored['xla']) == []
+  assert uses_kernel == {'native': True, 'xla': False, 'auto': native.default()}
+  with pytest.raises(MirrormetaError, match='strategy.icnn_map'):
+    train.check_config(parse('--config=smoke', '--config.strategy.icnn_map=fast'))
+  with pytest.raises(MirrormetaError, match="icnn_map='native' covers icnn.depth=1"):
+    train.check_config(parse('--config=smoke', '--config.algorithm=metamida',
+                             '--config.strategy.icnn_map=native', '--config.icnn.depth=2'))

@@ -58,7 +58,11 @@ Fields (all overridable as ``--config.<field>=<value>``):
     'auto': mirrormeta.models.default_layout(), the backend's measured faster one);
     icnn_block_major: the MetaMiDA map computes kernels' channel blocks as [channels, rest]
     (mirrormeta.conjugates.icnn's block_major; same function, less memory; on CPU faster
-    at K=1, 4, 5 and ~5% slower at K=2 on Omniglot-shaped tasks, where False is faster).
+    at K=1, 4, 5 and ~5% slower at K=2 on Omniglot-shaped tasks, where False is faster);
+    icnn_map: auto | native | xla, how the MetaMiDA map is computed: 'native' is the CPU
+    kernel of mirrormeta.native (depth 1, 'channel' granularity, block-major; built on first
+    use with the system C++ compiler; reverse mode only), 'xla' XLA's own ops; 'auto':
+    native on CPU where it applies and builds (the Omniglot Conv4 K=5 step: 0.95x the time).
   num_devices: devices the meta-batch is split over (0 = all visible; must divide it).
   distributed: multi-process settings (mirrormeta.parallel.maybe_initialize_distributed):
     coordinator_address, num_processes, process_id, auto.
@@ -152,7 +156,8 @@ def get_config(dataset: str = 'miniimagenet') -> ml_collections.ConfigDict:
   c.icnn = ml_collections.ConfigDict(icnn_defaults())
   c.strategy = ml_collections.ConfigDict(dict(tasks='auto', unroll=0, remat=False,
                                              map_remat='auto', conv='mirrormeta',
-                                             layout='auto', icnn_block_major=True))
+                                             layout='auto', icnn_block_major=True,
+                                             icnn_map='auto'))
   c.num_devices = 1
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address=config_dict.placeholder(str),
