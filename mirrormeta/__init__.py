@@ -16,5 +16,5 @@ from mirrormeta.meta import (MetaParams, MetaStep, Strategy, TrainState, default
 __all__ = [
     'AdaptInfo', 'MetaParams', 'MetaStep', 'MirrormetaError', 'Strategy', 'TrainState',
     'adapt', 'conjugates', 'default_strategy', 'init_meta_params', 'make_meta_step',
-    'meta_loss', 'mirror_step', 'models', 'primal_map', 'runtime',
+    'meta_loss', 'mirror_step', 'models', 'native', 'primal_map', 'runtime',
 ]

@@ -58,10 +58,11 @@ Fields (all overridable as ``--config.<field>=<value>``):
     'auto': mirrormeta.models.default_layout(), the backend's measured faster one);
     icnn_block_major: the MetaMiDA map computes kernels' channel blocks as [channels, rest]
     (mirrormeta.conjugates.icnn's block_major; same function, less memory; on CPU faster
-    at K=1, 4, 5 and ~5% slower at K=2 on Omniglot-shaped tasks, where False is faster);
+    at K=1, 4, 5 and ~5% slower at K=2 on Omniglot-shaped tasks, where False is faster;
+    XLA's map only: the native one reads tensors in their own order);
     icnn_map: auto | native | xla, how the MetaMiDA map is computed: 'native' is the CPU
-    kernel of mirrormeta.native (depth 1, 'channel' granularity, block-major; built on first
-    use with the system C++ compiler; reverse mode only), 'xla' XLA's own ops; 'auto':
+    kernel of mirrormeta.native (depth 1, 'channel' granularity; built on first use with
+    the system C++ compiler; reverse mode only), 'xla' XLA's own ops; 'auto':
     native on CPU where it applies and builds (the Omniglot Conv4 K=5 step: 0.95x the time).
   num_devices: devices the meta-batch is split over (0 = all visible; must divide it).
   distributed: multi-process settings (mirrormeta.parallel.maybe_initialize_distributed):
