@@ -12,8 +12,9 @@ conjugate (``icnn(native=True)``), not new math: the same function, float32, rev
 Why: XLA:CPU computes the map and its meta-gradient as ``[coordinates, W]`` sigmoid buffers
 that dots over each block's coordinates then read back, and that memory traffic was most of
 MetaMiDA's overhead over MAML on CPU (benchmarks/README.md, "The map on CPU"). The kernel
-keeps each unit's sigmoids in registers, vectorised over the channels, and sums them as
-they are made; it reads a tensor in its own order (no block-major copies).
+keeps each unit's sigmoids in registers, vectorised over the channels (16 at a time with
+AVX-512), and sums them as they are made; it reads a tensor in its own order (no
+block-major copies).
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``)
 against jaxlib's FFI headers, for this machine's CPU (``-march=native``), and cached by a
@@ -40,11 +41,9 @@ from mirrormeta.errors import MirrormetaError
 _SOURCE = Path(__file__).with_name('icnn_map.cc')
 # No -ffast-math (nor -funsafe-math-optimizations): a library built with it sets
 # flush-to-zero for the whole process when it is loaded (GCC's crtfastmath), and every float
-# in JAX and numpy would lose its subnormals (hypothesis noticed). The loops vectorise without
-# it: they run over channels (the sums over coordinates are per channel), and
-# -fno-trapping-math lets the sigmoid's clamps become vector min/max (7x faster kernels).
-_FLAGS = ('-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math', '-fopenmp-simd',
-          '-shared', '-fPIC', '-std=c++17', '-w')
+# in JAX and numpy would lose its subnormals (hypothesis noticed). The kernel needs no
+# floating-point flags: its loops are written on explicit vectors (icnn_map.cc).
+_FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=c++17', '-w')
 _FWD, _BWD = 'mirrormeta_icnn_map_fwd', 'mirrormeta_icnn_map_bwd'
 _registered: list[Path] = []
 
@@ -108,8 +107,8 @@ def default(depth: int = 1, granularity: str = 'channel') -> bool:
   the benchmarks' default): on CPU, where the kernel covers the settings and builds.
 
   Why: on the 2-core CPU the 21 maps and derivatives of MetaMiDA's Omniglot-shaped Conv4
-  K=5 meta-step cost 0.046 of a MAML step with it and 0.117 with XLA's map, and the step
-  took 0.951 [0.911, 0.966] of the time (21 interleaved rounds; benchmarks/README.md, "The
+  K=5 meta-step cost 0.036 of a MAML step with it and 0.110 with XLA's map, and the step
+  took 0.935-0.951 of XLA's map's time (21 interleaved rounds; benchmarks/README.md, "The
   native map").
   """
   return covers(depth, granularity) and available()[0]

@@ -14,7 +14,10 @@ from mirrormeta.errors import MirrormetaError
 
 OK, WHY = native.available()
 needs_kernel = pytest.mark.skipif(not OK, reason=f'native ICNN map unavailable: {WHY}')
-PARAMS = {'conv': jnp.zeros((3, 3, 2, 4)), 'dense': jnp.zeros((5, 3)), 'bias': jnp.zeros(3)}
+# 'wide': 37 channels, so whole vectors of channels and a zero-padded rest (16 + 16 + 5 or
+# 4 x 8 + 5), and 6 rows, so a block of rows and single rows; the others: channels < a vector.
+PARAMS = {'conv': jnp.zeros((3, 3, 2, 4)), 'dense': jnp.zeros((5, 3)), 'bias': jnp.zeros(3),
+          'wide': jnp.zeros((6, 37))}
 
 
 def random_like(tree, seed, scale=1.0):
@@ -67,7 +70,7 @@ def test_native_map_accuracy_and_nan():
   theta_h = jax.tree.map(jnp.add, conj.init(jax.random.key(0), PARAMS),
                          random_like(conj.init(jax.random.key(0), PARAMS), 1, 2.0))
   z = {'conv': jnp.linspace(-40.0, 40.0, 72).reshape(3, 3, 2, 4), 'dense': jnp.full((5, 3), 1e-3),
-       'bias': jnp.array([0.0, -3.0, 7.0])}
+       'bias': jnp.array([0.0, -3.0, 7.0]), 'wide': jnp.linspace(-12.0, 12.0, 222).reshape(6, 37)}
   phi = mm.primal_map(conj.apply, theta_h, z)
   with jax.enable_x64(True):
     f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
