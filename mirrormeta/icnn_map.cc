@@ -124,9 +124,9 @@ void Fwd(const Block& k, float*) {
 // red: the 3W + 2 rows [.., ldw] of the sums for these channels, accumulated block by block.
 template <int N>
 inline void BwdRows(const Block& k, int64_t r0, float* red) {
-  const int64_t W = k.w, ld = k.ldw;
+  const int64_t W = k.w, lw = k.ldw;
   Vec u[N], g[N], du[N];
-  Vec gu = Load(red + 3 * W * ld), gs = Load(red + (3 * W + 1) * ld);
+  Vec gu = Load(red + 3 * W * lw), gs = Load(red + (3 * W + 1) * lw);
   for (int i = 0; i < N; ++i) {
     u[i] = Load(k.x + (r0 + i) * k.ld);
     g[i] = Load(k.g + (r0 + i) * k.ld);
@@ -134,10 +134,10 @@ inline void BwdRows(const Block& k, int64_t r0, float* red) {
     gu += g[i] * u[i];
     gs += g[i];
   }
-  Store(red + 3 * W * ld, gu), Store(red + (3 * W + 1) * ld, gs);
+  Store(red + 3 * W * lw, gu), Store(red + (3 * W + 1) * lw, gs);
   for (int64_t w = 0; w < W; ++w) {
-    const Vec b = Load(k.b + w * ld), c = Load(k.c + w * ld), vbb = Load(k.vb + w * ld) * b;
-    float *gt_w = red + w * ld, *gud_w = red + (W + w) * ld, *gd_w = red + (2 * W + w) * ld;
+    const Vec b = Load(k.b + w * lw), c = Load(k.c + w * lw), vbb = Load(k.vb + w * lw) * b;
+    float *gt_w = red + w * lw, *gud_w = red + (W + w) * lw, *gd_w = red + (2 * W + w) * lw;
     Vec gt = Load(gt_w), gud = Load(gud_w), gd = Load(gd_w);
     for (int i = 0; i < N; ++i) {
       const Vec t = Sigmoid(b * u[i] + c);
