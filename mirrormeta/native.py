@@ -56,6 +56,30 @@ def _cpu_id() -> str:
     return platform.processor()
 
 
+def _compile(compiler: str, out: Path, extra_flags: tuple[str, ...] = ()) -> str:
+  """Compiles the kernel's library to ``out``: '' or why it failed."""
+  cmd = [compiler, *_FLAGS, *extra_flags, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o',
+         str(out)]
+  try:
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    return f'compiling {_SOURCE.name} failed: {e}'
+  if run.returncode != 0:
+    return f'compiling {_SOURCE.name} failed: {run.stderr.strip()[-500:]}'
+  return ''
+
+
+def _register(lib: Path, fwd: str, bwd: str) -> str:
+  """Loads ``lib`` and registers its handlers as the FFI targets fwd and bwd: '' or why not."""
+  try:
+    handle = ctypes.cdll.LoadLibrary(str(lib))
+  except OSError as e:
+    return f'loading {lib} failed: {e}'
+  jax.ffi.register_ffi_target(fwd, jax.ffi.pycapsule(handle.IcnnMapFwd), platform='cpu')
+  jax.ffi.register_ffi_target(bwd, jax.ffi.pycapsule(handle.IcnnMapBwd), platform='cpu')
+  return ''
+
+
 @functools.cache
 def _build() -> tuple[bool, str]:
   """Compiles, loads and registers the handlers once per process: (ok, why not)."""
@@ -71,21 +95,14 @@ def _build() -> tuple[bool, str]:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # then renamed: concurrent builds are safe
       out = Path(tmp) / lib.name
-      cmd = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', str(out)]
-      try:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-      except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f'compiling {_SOURCE.name} failed: {e}'
-      if run.returncode != 0:
-        return False, f'compiling {_SOURCE.name} failed: {run.stderr.strip()[-500:]}'
+      why = _compile(compiler, out)
+      if why:
+        return False, why
       os.replace(out, lib)
-  try:
-    handle = ctypes.cdll.LoadLibrary(str(lib))
-  except OSError as e:
-    return False, f'loading {lib} failed: {e}'
   if not _registered:  # once per process, also when a test clears _build's cache
-    jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(handle.IcnnMapFwd), platform='cpu')
-    jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(handle.IcnnMapBwd), platform='cpu')
+    why = _register(lib, _FWD, _BWD)
+    if why:
+      return False, why
     _registered.append(lib)
   return True, ''
 
