@@ -216,8 +216,8 @@ void ForEachBlock(const Shape& s, const float* x, const float* g, float* out, co
       Pad(b + po + k, C, W, m, &pb);
       Pad(c + po + k, C, W, m, &pc);
       Pad(vb + po + k, C, W, m, &pvb);
-      pout.assign(R * kLanes, 0.0f);
-      pred.assign(red_rows * kLanes, 0.0f);
+      pout.resize(R * kLanes);  // not zeroed: fn writes every row (Bwd zeroes its sums)
+      pred.resize(red_rows * kLanes);
       Block blk{px.data(), g ? pg.data() : nullptr, pout.data(), pb.data(), pc.data(), pvb.data(),
                 PadVec(q + e * C + k, m), s0k ? PadVec(s0k, m) : Vec{}, R, W, kLanes, kLanes};
       fn(blk, pred.data());
