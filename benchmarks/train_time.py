@@ -1,7 +1,7 @@
 """How long a named config's whole run takes here, projected from a measured part of it.
 
     python -m benchmarks.train_time [--config=mini_1shot] [--steps=1000] [--data_dir=DIR]
-        [--standin_images=60] [--target_minutes=30] [--set field=value ...]
+        [--standin_images=60] [--target_minutes=30] [--set field=value ...] [--out=NAME]
 
 Runs the runner's own ``mirrormeta.train.train_and_evaluate`` (sampling, meta-steps,
 metrics, logging, checkpoints, validation, test) in a temporary workdir, on the config's
@@ -107,6 +107,8 @@ def main(argv=None):
                  help='override a config field (e.g. --set algorithm=maml, '
                       '--set strategy.tasks=loop)')
   p.add_argument('--no_cache', action='store_true')
+  p.add_argument('--out', default=None,
+                 help='benchmarks/results/<out>_<backend>.md; default train_time_<config>')
   args = p.parse_args(argv)
   C.setup(args.no_cache)
   from experiments import configs  # pylint: disable=g-import-not-at-top
@@ -208,7 +210,7 @@ def main(argv=None):
       f'{args.target_minutes:g} min)',
       ''])
   print('\n' + text)
-  print(f'saved {C.save(f"train_time_{args.config}", text)}')
+  print(f'saved {C.save(args.out or f"train_time_{args.config}", text)}')
 
 
 if __name__ == '__main__':

@@ -111,8 +111,8 @@ def test_train_time_projects_the_smoke_run(tmp_path, monkeypatch, omniglot_dir):
   monkeypatch.setattr(C, 'RESULTS', tmp_path)
   train_time.main(['--config=smoke', '--steps=4', '--warmup_steps=1',
                    f'--data_dir={omniglot_dir}', '--set', 'val_tasks=8',
-                   '--set', 'test_tasks=8'])
-  text = (tmp_path / f'train_time_smoke_{jax.default_backend()}.md').read_text()
+                   '--set', 'test_tasks=8', '--out=tt_smoke'])
+  text = (tmp_path / f'tt_smoke_{jax.default_backend()}.md').read_text()
   rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1:] for line in text.splitlines()
           if line.startswith('| ')}
   assert {'one training step (runner loop)', 'bare compiled step', 'one validation',
