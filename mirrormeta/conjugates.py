@@ -380,8 +380,8 @@ def icnn(width: int = 8, depth: int = 1, mu: float = 1e-2, hidden_bound: float =
 
   # ∇_z h* = slope, in closed form, rather than reverse mode through the network: the
   # meta-gradient then differentiates an elementwise map instead of a backward pass (with
-  # the layout above, MetaMiDA's Conv4 meta-step went from 2.5x to 1.3x MAML's on CPU;
-  # benchmarks/results/table5_cpu.md).
+  # the layout above, MetaMiDA's Conv4 meta-step went from 2.5x to 1.3x MAML's on CPU in
+  # `benchmarks.table5`).
   @functools.partial(apply.defjvp, symbolic_zeros=True)
   def apply_jvp(primals, tangents):
     theta_h, z = primals

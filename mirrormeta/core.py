@@ -277,7 +277,7 @@ def adapt(h_star: Conjugate, theta_h: PyTree, z0: PyTree, loss_fn: LossFn, batch
     # Fully unrolled: a Python loop, the program lax.scan would unroll to, except at K=1,
     # where scan lowers to a one-trip while loop whatever `unroll` says; XLA:CPU kept it,
     # and the layouts inside sent the weight gradients to a generic convolution kernel
-    # (the K=1 meta-step took 1.4x the K=5 one, benchmarks/results/table5_cpu.md).
+    # (the K=1 meta-step took 1.4x the K=5 one in `benchmarks.table5`).
     carry, outs = (z0, phi0), []
     step = _traced_once(step)
     for _ in range(steps):
