@@ -265,7 +265,8 @@ def time_interleaved(fns: dict[Any, Callable[[], Any]], repeats: int = 5, warmup
                      deadline: float | None = None) -> dict[Any, list[float]]:
   """Seconds per call of each ``fn``: ``warmup`` untimed calls each, then ``repeats`` rounds
   calling every fn once in turn (A B C A B C ...); ``between(round)`` runs after each round
-  (e.g. another framework's measurement, interleaved at round granularity). With ``label``
+  (e.g. another framework's measurement, interleaved at round granularity; called as
+  ``between(round, times)`` with the samples so far, e.g. to save them). With ``label``
   (name -> text), each round's times are printed as it ends, so that a run cut short (a
   time limit on a lent machine) still leaves its figures. With ``deadline`` (a
   ``time.monotonic()`` instant, see :func:`deadline_after`), no round starts that the last
@@ -293,7 +294,7 @@ def time_interleaved(fns: dict[Any, Callable[[], Any]], repeats: int = 5, warmup
       print(f'  round {r + 1}/{repeats}: ' + ', '.join(
           f'{label(name)} {1e3 * ts[-1]:.1f} ms' for name, ts in times.items()), flush=True)
     if between is not None:
-      between(r)
+      between(r, times)
     last = time.monotonic() - start
   return times
 

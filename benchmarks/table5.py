@@ -19,7 +19,8 @@ the same process (one subprocess per algorithm and variant, kept for the whole r
 compared with mirrormeta's same algorithm at K=5.
 On a GPU the run also measures the device's matmul and copy rates and reports each K=5
 step's achieved FLOP/s (XLA's count) against them. Each round's times are printed as it
-ends. Results: ``benchmarks/results/table5_<backend>.md``. Compiles take 20-120 s per
+ends, and the results file, ``benchmarks/results/<out>_<backend>.md``, is rewritten after
+each round (marked partial until the run ends), so a killed run keeps what it timed. Compiles take 20-120 s per
 configuration on a 2-core CPU and 40-100 s on an H100 (jax 0.11.2, 16 cores): pick a
 subset with the flags (on a lent GPU, ``--ks=1,5`` of two algorithms is ~5 min), and
 ``--deadline_s`` to time fewer rounds rather than be killed by a time limit before saving.
@@ -37,8 +38,10 @@ TARGETS = dict(vs_torch=0.8, vs_torch_gpu=1 / 3, mida_vs_maml_time=1.05,
                mida_k1_vs_maml_k5=0.25, mida_vs_maml_memory=1.03)
 
 
-def run_shape(shape, algorithms, ks, args):
-  """Builds, times and sizes one shape's grid; returns (rows, torch results, text)."""
+def run_shape(shape, algorithms, ks, args, on_round=None):
+  """Builds, times and sizes one shape's grid; returns (built, times, torch results, rss).
+  ``on_round(built, times, torch_times, torch_rss, torch_info, rounds)`` runs after each
+  round with the samples so far."""
   print(f'\n== {shape.name}: image {shape.image}, Conv4-{shape.filters}, {C.N_WAY}-way '
         f'{C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks, second order', flush=True)
   built = {}
@@ -64,6 +67,12 @@ def run_shape(shape, algorithms, ks, args):
       v, shape.image, shape.filters, C.N_WAY, C.SHOT, C.QUERY, C.TASKS, 5, first_order=False,
       inner_lr=C.INNER_LR, device=args.torch_device, algorithm=a) for a, v in pairs}
 
+  def between(r, times):
+    if pairs:
+      torch_round(r)
+    if on_round is not None:
+      on_round(built, times, torch_times, torch_rss, torch_info, r + 1)
+
   def torch_round(r):
     for key, worker in workers.items():
       res = worker.measure(warmup=args.torch_warmup, repeats=args.torch_repeats)
@@ -78,7 +87,7 @@ def run_shape(shape, algorithms, ks, args):
   try:
     times = C.time_interleaved({key: b.run for key, b in built.items()},
                                repeats=args.repeats, warmup=args.warmup,
-                               between=torch_round if pairs else None,
+                               between=between,
                                label=lambda key: f'{key[0]} K={key[1]}',
                                deadline=args.deadline)
   finally:
@@ -291,19 +300,37 @@ def main(argv=None):
             f'{ceilings["copy_tbps"]:.2f} TB/s (read + write).')
     print(text, flush=True)
     sections += [text, '']
-  for name in args.shapes:
-    shape = C.SHAPES[name]
-    res = run_shape(shape, args.algorithms, args.ks, args)
-    text = report_shape(shape, args.algorithms, args.ks, *res)
-    print('\n' + text, flush=True)
-    sections += [text, '']
+
+  def shape_text(shape, res):
+    """The shape's table and its target lines (None when there are none to state)."""
     lines = targets(shape, res[0], res[1], res[2], args.ks, args.torch_repeats,
                     args.torch_device)
     if ceilings:
       lines += flops_lines(res[0], res[1], ceilings)
-    if len(lines) > 1:  # more than the pointer to benchmarks.memory
-      target_sections.append('\n'.join(
-          [f'### Targets ({name}-shaped, ratios from this run)', ''] + lines))
+    return (report_shape(shape, args.algorithms, args.ks, *res),
+            '\n'.join([f'### Targets ({shape.name}-shaped, ratios from this run)', '']
+                      + lines) if len(lines) > 1 else None)  # > the benchmarks.memory line
+
+  def save_partial(shape, built, times, torch_times, torch_rss, torch_info, rounds):
+    # Written after every round, so that a run killed before its end (a lent machine's
+    # time limit, the out-of-memory killer) keeps the figures it had.
+    if rounds == args.repeats:
+      return  # the whole shape is saved next
+    table, lines = shape_text(shape, (built, times, torch_times, torch_rss, torch_info, {}))
+    note = (f'**Partial: {rounds} of {args.repeats} rounds of the {shape.name} shape**, '
+            'saved after each round while the run went on.')
+    C.save(args.out, '\n'.join(sections + [note, '', table, ''] + target_sections
+                               + ([lines, ''] if lines else [])))
+
+  for name in args.shapes:
+    shape = C.SHAPES[name]
+    res = run_shape(shape, args.algorithms, args.ks, args,
+                    on_round=lambda *a, shape=shape: save_partial(shape, *a))
+    text, lines = shape_text(shape, res)
+    print('\n' + text, flush=True)
+    sections += [text, '']
+    if lines:
+      target_sections.append(lines)
     for b in res[0].values():
       b.free()
   for text in target_sections:

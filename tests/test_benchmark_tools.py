@@ -69,6 +69,37 @@ def test_interleaved_timing_stops_before_the_deadline():
   assert C.deadline_after(None) is None
 
 
+class _Killed(Exception):
+  pass
+
+
+def test_table5_saves_its_figures_after_every_round(tmp_path, monkeypatch):
+  """A run killed mid-way (a lent machine's time limit, the OOM killer) keeps the rounds it
+  timed: the results file is rewritten after each round, marked partial until the end."""
+  monkeypatch.setattr(C, 'RESULTS', tmp_path)
+  monkeypatch.setitem(C.SHAPES, 'tiny', C.Shape('tiny', (16, 16, 1), 4))
+  argv = ['--shapes=tiny', '--algorithms=maml,metamida', '--ks=1', '--repeats=3',
+          '--warmup=0', '--torch=', '--out=t5']
+  path = tmp_path / f't5_{jax.default_backend()}.md'
+  save, saves = C.save, []
+  def save_then_die(name, text):
+    saves.append(save(name, text))
+    if len(saves) == 2:
+      raise _Killed
+  monkeypatch.setattr(C, 'save', save_then_die)
+  with pytest.raises(_Killed):
+    table5.main(argv)
+  text = path.read_text()
+  assert '**Partial: 2 of 3 rounds of the tiny shape**' in text
+  assert '| maml | 1 |' in text and '| metamida | 1 |' in text
+  assert 'MetaMiDA / MAML time at K=1: ' in text and 'no 95% CI from 2 rounds' in text
+
+  monkeypatch.setattr(C, 'save', save)
+  table5.main(argv)
+  text = path.read_text()
+  assert 'Partial' not in text and 'no 95% CI from 3 rounds' in text
+
+
 def test_strategy_spec_fills_the_backend_defaults():
   s, conv, layout, icnn = strategies.parse_spec('vmap:1')
   default_icnn = 'native' if mm.native.default() else 'block_major'
