@@ -110,35 +110,48 @@ def main(argv=None):
     specs.insert(0, default)
   built = {s.key: s.build(args.algorithm, shape, args.steps) for s in specs}
   names = {s.key: s.name for s in specs}
-  times = C.time_interleaved({k: b.run for k, b in built.items()}, repeats=args.repeats,
-                             warmup=args.warmup, label=names.get, deadline=deadline)
-  rows = []
-  for s in specs:
-    k = s.key
-    ratio, low, high = C.ratio_interval(times[k], times[default.key])
-    rows.append([f'`{s.strategy.tasks}`', C.unroll_label(s.strategy), s.strategy.map_remat,
-                 s.conv, s.layout, s.icnn, 'yes' if k == default.key else '',
-                 f'{C.median(times[k]):.4f}', f'{min(times[k]):.4f}',
-                 f'{ratio:.3f} [{low:.3f}, {high:.3f}]',
-                 f'{C.mb(built[k].memory["peak"]):.1f}', f'{built[k].compile_s:.0f}'])
-  fastest = min(specs, key=lambda s: C.median(times[s.key]))
-  describe = lambda s: (f'{C.strategy_label(s.strategy)} conv={s.conv} layout={s.layout} '
-                        f'icnn={s.icnn}')
-  if len(specs) == 1:
-    verdict = 'the only configuration measured: nothing to compare'
-  else:
-    verdict = 'agrees' if fastest.key == default.key else 'DISAGREES'
   cmd = C.command('strategies', argv)
-  text = '\n'.join([
-      f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd}`  ', env, '',
-      f'{args.algorithm}, second order, K={args.steps}, {shape.name}-shaped {shape.image} '
-      f'Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks; '
-      f'{len(next(iter(times.values())))} interleaved rounds after {args.warmup} warm-up.', '',
-      C.markdown_table(['tasks', 'scan unroll', 'map_remat', 'conv', 'layout', 'icnn', 'default',
-                        's/step (median)', 's/step (min)', 'time / default (95% CI)',
-                        'peak MB (XLA)', 'compile s'], rows), '',
-      f'Fastest: {describe(fastest)}; the defaults (`mm.default_strategy()`, '
-      f'`mm.models.default_layout()`): {describe(default)} ({verdict}).', ''])
+
+  def report(times, partial_rounds=None):
+    rows = []
+    for s in specs:
+      k = s.key
+      ratio, low, high = C.ratio_interval(times[k], times[default.key])
+      rows.append([f'`{s.strategy.tasks}`', C.unroll_label(s.strategy), s.strategy.map_remat,
+                   s.conv, s.layout, s.icnn, 'yes' if k == default.key else '',
+                   f'{C.median(times[k]):.4f}', f'{min(times[k]):.4f}',
+                   f'{ratio:.3f} [{low:.3f}, {high:.3f}]',
+                   f'{C.mb(built[k].memory["peak"]):.1f}', f'{built[k].compile_s:.0f}'])
+    fastest = min(specs, key=lambda s: C.median(times[s.key]))
+    describe = lambda s: (f'{C.strategy_label(s.strategy)} conv={s.conv} layout={s.layout} '
+                          f'icnn={s.icnn}')
+    if len(specs) == 1:
+      verdict = 'the only configuration measured: nothing to compare'
+    else:
+      verdict = 'agrees' if fastest.key == default.key else 'DISAGREES'
+    partial = ([f'**Partial: {partial_rounds} of {args.repeats} rounds**, saved after each '
+                'round while the run went on.', ''] if partial_rounds else [])
+    text = '\n'.join([
+        f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd}`  ', env, ''
+    ] + partial + [
+        f'{args.algorithm}, second order, K={args.steps}, {shape.name}-shaped {shape.image} '
+        f'Conv4-{shape.filters}, {C.N_WAY}-way {C.SHOT}-shot {C.QUERY} query, {C.TASKS} '
+        f'tasks; {len(next(iter(times.values())))} interleaved rounds after {args.warmup} '
+        'warm-up.', '',
+        C.markdown_table(['tasks', 'scan unroll', 'map_remat', 'conv', 'layout', 'icnn',
+                          'default', 's/step (median)', 's/step (min)',
+                          'time / default (95% CI)', 'peak MB (XLA)', 'compile s'], rows), '',
+        f'Fastest: {describe(fastest)}; the defaults (`mm.default_strategy()`, '
+        f'`mm.models.default_layout()`): {describe(default)} ({verdict}).', ''])
+    return text
+
+  # The results file is rewritten after each round, so that a run killed before its end
+  # (a lent machine's time limit) keeps the rounds it timed.
+  times = C.time_interleaved(
+      {k: b.run for k, b in built.items()}, repeats=args.repeats, warmup=args.warmup,
+      label=names.get, deadline=deadline,
+      between=lambda r, ts: r + 1 < args.repeats and C.save(args.out, report(ts, r + 1)))
+  text = report(times)
   print('\n' + text)
   print(f'saved {C.save(args.out, text)}')
 

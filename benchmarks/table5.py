@@ -19,11 +19,12 @@ the same process (one subprocess per algorithm and variant, kept for the whole r
 compared with mirrormeta's same algorithm at K=5.
 On a GPU the run also measures the device's matmul and copy rates and reports each K=5
 step's achieved FLOP/s (XLA's count) against them. Each round's times are printed as it
-ends, and the results file, ``benchmarks/results/<out>_<backend>.md``, is rewritten after
-each round (marked partial until the run ends), so a killed run keeps what it timed. Compiles take 20-120 s per
-configuration on a 2-core CPU and 40-100 s on an H100 (jax 0.11.2, 16 cores): pick a
-subset with the flags (on a lent GPU, ``--ks=1,5`` of two algorithms is ~5 min), and
-``--deadline_s`` to time fewer rounds rather than be killed by a time limit before saving.
+ends, and the results file, ``benchmarks/results/<out>_<backend>.md``, is rewritten
+after each round (marked partial until the run ends), so a killed run keeps what it
+timed. Compiles take 20-120 s per configuration on a 2-core CPU and 40-100 s on an H100
+(jax 0.11.2, 16 cores): pick a subset with the flags (on a lent GPU, ``--ks=1,5`` of two
+algorithms is ~5 min), and ``--deadline_s`` to time fewer rounds rather than be cut off
+by a time limit.
 """
 from __future__ import annotations
 

@@ -73,14 +73,12 @@ class _Killed(Exception):
   pass
 
 
-def test_table5_saves_its_figures_after_every_round(tmp_path, monkeypatch):
-  """A run killed mid-way (a lent machine's time limit, the OOM killer) keeps the rounds it
-  timed: the results file is rewritten after each round, marked partial until the end."""
+def _killed_after_two_saves(module, argv, out, tmp_path, monkeypatch):
+  """Runs ``module.main(argv)`` on a tiny Conv4, 'killed' after its second save; returns the
+  results file's text then, and after a whole run."""
   monkeypatch.setattr(C, 'RESULTS', tmp_path)
   monkeypatch.setitem(C.SHAPES, 'tiny', C.Shape('tiny', (16, 16, 1), 4))
-  argv = ['--shapes=tiny', '--algorithms=maml,metamida', '--ks=1', '--repeats=3',
-          '--warmup=0', '--torch=', '--out=t5']
-  path = tmp_path / f't5_{jax.default_backend()}.md'
+  path = tmp_path / f'{out}_{jax.default_backend()}.md'
   save, saves = C.save, []
   def save_then_die(name, text):
     saves.append(save(name, text))
@@ -88,16 +86,32 @@ def test_table5_saves_its_figures_after_every_round(tmp_path, monkeypatch):
       raise _Killed
   monkeypatch.setattr(C, 'save', save_then_die)
   with pytest.raises(_Killed):
-    table5.main(argv)
-  text = path.read_text()
-  assert '**Partial: 2 of 3 rounds of the tiny shape**' in text
-  assert '| maml | 1 |' in text and '| metamida | 1 |' in text
-  assert 'MetaMiDA / MAML time at K=1: ' in text and 'no 95% CI from 2 rounds' in text
-
+    module.main(argv)
+  killed = path.read_text()
   monkeypatch.setattr(C, 'save', save)
-  table5.main(argv)
-  text = path.read_text()
-  assert 'Partial' not in text and 'no 95% CI from 3 rounds' in text
+  module.main(argv)
+  return killed, path.read_text()
+
+
+def test_table5_saves_its_figures_after_every_round(tmp_path, monkeypatch):
+  """A run killed mid-way (a lent machine's time limit, the OOM killer) keeps the rounds it
+  timed: the results file is rewritten after each round, marked partial until the end."""
+  killed, whole = _killed_after_two_saves(
+      table5, ['--shapes=tiny', '--algorithms=maml,metamida', '--ks=1', '--repeats=3',
+               '--warmup=0', '--torch=', '--out=t5'], 't5', tmp_path, monkeypatch)
+  assert '**Partial: 2 of 3 rounds of the tiny shape**' in killed
+  assert '| maml | 1 |' in killed and '| metamida | 1 |' in killed
+  assert 'MetaMiDA / MAML time at K=1: ' in killed and 'no 95% CI from 2 rounds' in killed
+  assert 'Partial' not in whole and 'no 95% CI from 3 rounds' in whole
+
+
+def test_strategies_saves_its_figures_after_every_round(tmp_path, monkeypatch):
+  killed, whole = _killed_after_two_saves(
+      strategies, ['--shape=tiny', '--algorithm=maml', '--steps=1', '--repeats=3',
+                   '--warmup=0', '--strategies=loop:full,loop:1', '--out=st'], 'st',
+      tmp_path, monkeypatch)
+  assert '**Partial: 2 of 3 rounds**' in killed and '2 interleaved rounds' in killed
+  assert 'Partial' not in whole and '3 interleaved rounds' in whole
 
 
 def test_strategy_spec_fills_the_backend_defaults():
