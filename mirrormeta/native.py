@@ -80,10 +80,15 @@ def _register(lib: Path, fwd: str, bwd: str) -> str:
   return ''
 
 
+def _compiler() -> str | None:
+  """The C++ compiler's path ($CXX, else c++), or None when it is not on PATH."""
+  return shutil.which(os.environ.get('CXX', 'c++'))
+
+
 @functools.cache
 def _build() -> tuple[bool, str]:
   """Compiles, loads and registers the handlers once per process: (ok, why not)."""
-  compiler = shutil.which(os.environ.get('CXX', 'c++'))
+  compiler = _compiler()
   if compiler is None:
     return False, f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} is not on PATH; set $CXX)"
   source = _SOURCE.read_bytes()
