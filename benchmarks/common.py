@@ -299,6 +299,14 @@ def time_interleaved(fns: dict[Any, Callable[[], Any]], repeats: int = 5, warmup
   return times
 
 
+def partial_note(rounds: int, repeats: int, of: str = '') -> str:
+  """The line that marks a results file saved after ``rounds`` of ``repeats`` rounds, while
+  the run went on (``table5`` and ``strategies`` save after every round, so that a run killed
+  before its end keeps what it timed); ``of`` names the part measured."""
+  return (f'**Partial: {rounds} of {repeats} rounds{of}**, saved after each round while the '
+          'run went on.')
+
+
 def add_deadline_flag(parser) -> None:
   """``--deadline_s``, read with :func:`deadline_after` right after parsing."""
   parser.add_argument('--deadline_s', type=float, default=None,

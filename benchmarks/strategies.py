@@ -129,8 +129,7 @@ def main(argv=None):
       verdict = 'the only configuration measured: nothing to compare'
     else:
       verdict = 'agrees' if fastest.key == default.key else 'DISAGREES'
-    partial = ([f'**Partial: {partial_rounds} of {args.repeats} rounds**, saved after each '
-                'round while the run went on.', ''] if partial_rounds else [])
+    partial = [C.partial_note(partial_rounds, args.repeats), ''] if partial_rounds else []
     text = '\n'.join([
         f'# Execution strategies ({jax.default_backend()})', '', f'`{cmd}`  ', env, ''
     ] + partial + [
@@ -145,8 +144,6 @@ def main(argv=None):
         f'`mm.models.default_layout()`): {describe(default)} ({verdict}).', ''])
     return text
 
-  # The results file is rewritten after each round, so that a run killed before its end
-  # (a lent machine's time limit) keeps the rounds it timed.
   times = C.time_interleaved(
       {k: b.run for k, b in built.items()}, repeats=args.repeats, warmup=args.warmup,
       label=names.get, deadline=deadline,

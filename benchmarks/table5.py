@@ -313,13 +313,10 @@ def main(argv=None):
                       + lines) if len(lines) > 1 else None)  # > the benchmarks.memory line
 
   def save_partial(shape, built, times, torch_times, torch_rss, torch_info, rounds):
-    # Written after every round, so that a run killed before its end (a lent machine's
-    # time limit, the out-of-memory killer) keeps the figures it had.
     if rounds == args.repeats:
       return  # the whole shape is saved next
     table, lines = shape_text(shape, (built, times, torch_times, torch_rss, torch_info, {}))
-    note = (f'**Partial: {rounds} of {args.repeats} rounds of the {shape.name} shape**, '
-            'saved after each round while the run went on.')
+    note = C.partial_note(rounds, args.repeats, f' of the {shape.name} shape')
     C.save(args.out, '\n'.join(sections + [note, '', table, ''] + target_sections
                                + ([lines, ''] if lines else [])))
 
