@@ -75,9 +75,11 @@ SHAPES = {
 
 
 def setup(no_cache: bool = False, default_malloc: bool = False,
-          low_memory_schedule: bool = False, threaded_convolutions: bool = False) -> None:
-  """What every benchmark does first: the persistent compilation cache, and glibc malloc
-  retention (``mirrormeta.runtime.retain_freed_memory``) as the runner has it; optionally
+          low_memory_schedule: bool = False, threaded_convolutions: bool = False,
+          synchronous_dispatch: bool = True) -> None:
+  """What every benchmark does first: the persistent compilation cache, glibc malloc
+  retention (``mirrormeta.runtime.retain_freed_memory``) and synchronous CPU dispatch
+  (``mirrormeta.runtime.synchronous_dispatch``) as the runner has them; optionally
   XLA:CPU's memory-ordered scheduler (``mirrormeta.runtime.low_memory_schedule``) or its
   own convolutions (``mirrormeta.runtime.threaded_convolutions``), the runner's config
   fields of the same names, which must be set before JAX starts."""
@@ -85,6 +87,8 @@ def setup(no_cache: bool = False, default_malloc: bool = False,
     runtime.low_memory_schedule()
   if threaded_convolutions:
     runtime.threaded_convolutions()
+  if synchronous_dispatch:
+    runtime.synchronous_dispatch()
   if not no_cache:
     enable_compilation_cache()
   if not default_malloc:
@@ -388,7 +392,8 @@ print(json.dumps(_rss_measure(json.loads(sys.stdin.read()))))
 '''
 
 
-def _read_hwm_kb() -> int | None:
+def high_water_kb() -> int | None:
+  """This process's resident-memory high-water mark (Linux ``VmHWM``), or None."""
   try:
     for line in Path('/proc/self/status').read_text().splitlines():
       if line.startswith('VmHWM:'):
@@ -398,19 +403,29 @@ def _read_hwm_kb() -> int | None:
   return None
 
 
+def resident_kb() -> int:
+  """This process's resident memory now (Linux ``/proc/self/statm``)."""
+  pages = int(Path('/proc/self/statm').read_text().split()[1])
+  return pages * os.sysconf('SC_PAGE_SIZE') // 1024
+
+
+def reset_high_water() -> None:
+  """Sets the high-water mark to the current resident memory (Linux ``clear_refs`` ← 5)."""
+  Path('/proc/self/clear_refs').write_text('5')
+
+
 def _rss_measure(cfg: dict) -> dict:
-  """In a fresh process: compile, then reset the RSS high-water mark (Linux
-  ``/proc/self/clear_refs`` ← 5) and run the steps; the HWM rise is the steps' peak."""
+  """In a fresh process: compile, then reset the RSS high-water mark and run the steps;
+  the high-water rise is the steps' peak."""
   setup()
   strategy = mm.Strategy(**cfg['strategy'])
   b = build(cfg['algorithm'], cfg['shape'], cfg['steps'], strategy, verbose=False)
-  current_kb = int(Path('/proc/self/statm').read_text().split()[1]) * os.sysconf(
-      'SC_PAGE_SIZE') // 1024
-  Path('/proc/self/clear_refs').write_text('5')  # HWM := current RSS
-  base = _read_hwm_kb()
+  current_kb = resident_kb()
+  reset_high_water()
+  base = high_water_kb()
   for _ in range(cfg['runs']):
     b.run()
-  return dict(rss_peak_delta_mb=(_read_hwm_kb() - base) / 1024, rss_base_mb=current_kb / 1024,
+  return dict(rss_peak_delta_mb=(high_water_kb() - base) / 1024, rss_base_mb=current_kb / 1024,
               xla_peak_mb=mb(b.memory['peak']))
 
 

@@ -147,11 +147,13 @@ def main(argv):
   from mirrormeta import MirrormetaError, parallel, runtime, train  # pylint: disable=g-import-not-at-top
   try:
     config = load_config()
-    # Both before anything below starts the JAX backend.
+    # All three before anything below starts the JAX backend.
     if config.get('low_memory_schedule', False):
       runtime.low_memory_schedule()
     if config.get('threaded_convolutions', False):
       runtime.threaded_convolutions()
+    if config.get('synchronous_dispatch', True):
+      runtime.synchronous_dispatch()
     parallel.maybe_initialize_distributed(config)
     # Multi-process runs too: the orbax commit-barrier timeout once seen with it on came from
     # the two checkpoint managers' colliding barrier names (fixed in checkpoint.py).

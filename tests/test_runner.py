@@ -295,7 +295,8 @@ def test_bad_input_gives_one_error_line(trained, omniglot_dir, tmp_path):
                      'error: flag --config.shot=one: invalid literal for int()'),
       'shot <= 0': (['--config=smoke', '--config.shot=0', f'--workdir={new}'],
                     'error: config.shot=0 must be >= 1'),
-      # With both XLA flag settings on: they must apply before JAX starts, not error out.
+      # With all three process settings on (synchronous_dispatch by default): they must
+      # apply before JAX starts, not error out.
       'inner lr <= 0': (['--config=smoke', '--config.inner_lr=-0.5',
                          '--config.low_memory_schedule=True',
                          '--config.threaded_convolutions=True', f'--workdir={new}'],

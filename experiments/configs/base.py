@@ -79,6 +79,11 @@ Fields (all overridable as ``--config.<field>=<value>``):
     Conv4-32 both MAML and MetaMiDA steps are faster (~15% and ~25%) and MetaMiDA no longer
     idles a core; with Conv4-64 there it made no clear difference, and Omniglot-shaped
     steps are 1.1-1.6x slower. Measure before turning it on. No effect on GPU/TPU.
+  synchronous_dispatch: run each CPU computation inline (mirrormeta.runtime.
+    synchronous_dispatch): with JAX's asynchronous dispatch the next step allocates its
+    temporaries before XLA:CPU frees the last step's, and the retained heap holds three
+    or four steps' worth; inline, one, and the steps took 0.74-0.92x the time
+    (benchmarks/results/dispatch_cpu.md). No effect on GPU/TPU.
 """
 import inspect
 from pathlib import Path
@@ -168,6 +173,7 @@ def get_config(dataset: str = 'miniimagenet') -> ml_collections.ConfigDict:
   c.retain_freed_memory = True
   c.low_memory_schedule = False
   c.threaded_convolutions = False
+  c.synchronous_dispatch = True
   return c
 
 

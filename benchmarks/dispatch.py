@@ -1,0 +1,124 @@
+"""Synchronous vs asynchronous CPU dispatch: time per step and resident memory.
+
+    python -m benchmarks.dispatch [--shapes=omniglot,mini] [--algorithm=maml] [--steps=5]
+        [--runs=20] [--pairs=3]
+
+JAX's CPU client dispatches a computation asynchronously by default, and XLA:CPU frees
+an execution's temporaries only after its outputs are ready, so the next step can take
+its slab before the last one's is freed. ``mirrormeta.runtime.synchronous_dispatch`` (the
+runner's ``config.synchronous_dispatch``) runs computations inline instead. The setting
+is per process (JAX reads it when the backend starts), so every measurement is a fresh
+process, and the two settings alternate (sync, async, sync, ... ``--pairs`` times) so that
+the machine's drift hits both. Each process compiles the step (the persistent cache makes
+a repeat cheap), notes its resident memory, resets its high-water mark, and runs ``--runs``
+steps as the runner does (dispatch step s+1, then fetch step s's metrics), with glibc
+malloc retention on as in the runner. Reported: wall time per step over all the steps and
+over their last half, once every slab has been faulted in (pairs' ratios), and
+the high-water rise over those steps against XLA's peak of the step (1x: one step's
+temporaries held at a time). Results: ``benchmarks/results/dispatch_<backend>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+SETTINGS = ('sync', 'async')
+
+
+def _measure(args) -> dict:
+  """In this (fresh) process: ``args.runs`` runner-like steps under this process's dispatch."""
+  from benchmarks import common as C  # pylint: disable=g-import-not-at-top
+  C.setup(synchronous_dispatch=args.setting == 'sync')
+  b = C.build(args.algorithm, args.shapes, args.steps, verbose=False)
+  before_kb = C.resident_kb()
+  C.reset_high_water()
+  pending, half = None, args.runs // 2
+  t = time.perf_counter()
+  for i in range(args.runs):
+    if i == half:
+      t_half = time.perf_counter()
+    b.state, metrics = b.compiled(b.state, b.support, b.query)
+    if pending is not None:
+      C.jax.device_get(pending)
+    pending = metrics
+  C.jax.device_get(pending)
+  end = time.perf_counter()
+  # The last half apart: by then every slab either setting takes has been faulted in.
+  return dict(s_per_step=(end - t) / args.runs,
+              s_per_step_last_half=(end - t_half) / (args.runs - half),
+              rise_mb=(C.high_water_kb() - before_kb) / 1024,
+              xla_peak_mb=C.mb(b.memory['peak']), resident_before_mb=before_kb / 1024)
+
+
+def _child(args, shape: str, setting: str) -> dict:
+  from benchmarks import common as C  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, '-m', 'benchmarks.dispatch', '--child', f'--shapes={shape}',
+         f'--setting={setting}', f'--algorithm={args.algorithm}', f'--steps={args.steps}',
+         f'--runs={args.runs}']
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=C.REPO)
+  if proc.returncode:
+    raise SystemExit(f'measurement ({shape}, {setting}) failed:\n{proc.stderr[-3000:]}')
+  return json.loads(proc.stdout.splitlines()[-1])
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--shapes', default='omniglot,mini')
+  p.add_argument('--algorithm', default='maml')
+  p.add_argument('--steps', type=int, default=5, help='inner steps K')
+  p.add_argument('--runs', type=int, default=20, help='steps per process')
+  p.add_argument('--pairs', type=int, default=3, help='processes per setting, alternating')
+  p.add_argument('--out', default='dispatch')
+  p.add_argument('--child', action='store_true', help='(internal) measure and print JSON')
+  p.add_argument('--setting', choices=SETTINGS, help='(child processes only)')
+  args = p.parse_args(argv)
+  if args.child:
+    print(json.dumps(_measure(args)))
+    return
+  from benchmarks import common as C  # pylint: disable=g-import-not-at-top
+  rows, notes = [], []
+  for shape in C.csv_list(args.shapes):
+    res = {s: [] for s in SETTINGS}
+    for i in range(args.pairs):
+      for setting in SETTINGS:
+        res[setting].append(_child(args, shape, setting))
+        r = res[setting][-1]
+        print(f'  {shape} {setting} {i + 1}/{args.pairs}: {r["s_per_step"]:.3f} s/step '
+              f'({r["s_per_step_last_half"]:.3f} over the last half), '
+              f'high-water rise {r["rise_mb"]:.0f} MB (XLA peak {r["xla_peak_mb"]:.0f} MB)',
+              flush=True)
+    for key, what in (('s_per_step', 'all steps'), ('s_per_step_last_half', 'last half')):
+      ratio, lo, hi = C.ratio_interval([r[key] for r in res['sync']],
+                                       [r[key] for r in res['async']])
+      ci = f' [{lo:.3f}, {hi:.3f}]' if lo == lo else ''
+      pairs = ', '.join(f'{a[key] / b[key]:.3f}' for a, b in zip(res['sync'], res['async']))
+      notes.append(f'- {shape}: time sync / async over {what}, per pair: {ratio:.3f}{ci} '
+                   f'({pairs})')
+    for setting in SETTINGS:
+      rs = res[setting]
+      rise = [r['rise_mb'] for r in rs]
+      rows.append([shape, setting, f'{C.median([r["s_per_step"] for r in rs]):.3f}',
+                   f'{C.median([r["s_per_step_last_half"] for r in rs]):.3f}',
+                   f'{rs[0]["xla_peak_mb"]:.0f}', ', '.join(f'{x:.0f}' for x in rise),
+                   f'{C.median(rise) / rs[0]["xla_peak_mb"]:.2f}',
+                   f'{C.median([r["resident_before_mb"] for r in rs]):.0f}'])
+  text = '\n'.join([
+      f'# Synchronous vs asynchronous CPU dispatch ({C.jax.default_backend()})', '',
+      f'`{C.command("dispatch", argv)}`  ', C.environment(), '',
+      f'{args.algorithm}, second order, K={args.steps}, {C.N_WAY}-way {C.SHOT}-shot '
+      f'{C.QUERY} query, {C.TASKS} tasks, default strategy, glibc malloc retention; '
+      f'{args.runs} runner-like steps per fresh process, {args.pairs} processes per '
+      'setting, alternating.', '',
+      C.markdown_table(['shape', 'dispatch', 's/step (median)', 'last half', 'XLA peak MB',
+                        'high-water rise over the steps, MB (each process)',
+                        'rise / XLA peak (median)', 'resident before the steps, MB'],
+                       rows), '', *notes, ''])
+  print('\n' + text)
+  print(f'saved {C.save(args.out, text)}')
+
+
+if __name__ == '__main__':
+  main()
