@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from unittest import mock
@@ -73,12 +71,9 @@ def _child(args) -> None:
 
 
 def _measure(args, alg: str, k: int, variant: str, cache_dir: str) -> dict:
-  cmd = [sys.executable, '-m', 'benchmarks.build_time', '--child', f'--shape={args.shape}',
-         f'--algorithms={alg}', f'--ks={k}', f'--variant={variant}', f'--cache_dir={cache_dir}']
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=C.REPO)
-  if proc.returncode:
-    raise SystemExit(f'build failed:\n{proc.stderr[-3000:]}')
-  return json.loads(proc.stdout.splitlines()[-1])
+  return C.child_json('build_time', [f'--shape={args.shape}', f'--algorithms={alg}',
+                                    f'--ks={k}', f'--variant={variant}',
+                                    f'--cache_dir={cache_dir}'], 'build')
 
 
 def main(argv=None):

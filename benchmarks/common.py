@@ -369,6 +369,17 @@ def command(module: str, argv: Sequence[str] | None) -> str:
   return f'python -m benchmarks.{module} {args}'.strip()
 
 
+def child_json(module: str, flags: Sequence[str], what: str) -> Any:
+  """Runs ``python -m benchmarks.<module> --child <flags>`` in a fresh process (for
+  settings a process takes once, when JAX starts) and returns the JSON its last line
+  prints; exits with the child's error output, naming ``what`` it measured, if it fails."""
+  proc = subprocess.run([sys.executable, '-m', f'benchmarks.{module}', '--child', *flags],
+                        capture_output=True, text=True, check=False, cwd=REPO)
+  if proc.returncode:
+    raise SystemExit(f'{what} failed:\n{proc.stderr[-3000:]}')
+  return json.loads(proc.stdout.splitlines()[-1])
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]

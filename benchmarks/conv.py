@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 
 CONVS = ('mirrormeta', 'lax')
@@ -51,13 +50,9 @@ def main(argv=None):
   argv = list(argv if argv is not None else sys.argv[1:])
   results = {}
   for malloc in ('retained', 'default'):
-    cmd = [sys.executable, '-m', 'benchmarks.conv', '--child'] + argv + (
-        ['--default_malloc'] if malloc == 'default' else [])
     print(f'  measuring with {malloc} malloc ...', flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=C.REPO)
-    if proc.returncode:
-      raise SystemExit(f'measurement failed:\n{proc.stderr[-3000:]}')
-    results[malloc] = json.loads(proc.stdout.splitlines()[-1])
+    results[malloc] = C.child_json(
+        'conv', argv + (['--default_malloc'] if malloc == 'default' else []), 'measurement')
   ref = results['retained']['mirrormeta']['times']
   rows = []
   for malloc, res in results.items():

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 SETTINGS = ('sync', 'async')
@@ -55,13 +53,9 @@ def _measure(args) -> dict:
 
 def _child(args, shape: str, setting: str) -> dict:
   from benchmarks import common as C  # pylint: disable=g-import-not-at-top
-  cmd = [sys.executable, '-m', 'benchmarks.dispatch', '--child', f'--shapes={shape}',
-         f'--setting={setting}', f'--algorithm={args.algorithm}', f'--steps={args.steps}',
-         f'--runs={args.runs}']
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=C.REPO)
-  if proc.returncode:
-    raise SystemExit(f'measurement ({shape}, {setting}) failed:\n{proc.stderr[-3000:]}')
-  return json.loads(proc.stdout.splitlines()[-1])
+  return C.child_json('dispatch', [f'--shapes={shape}', f'--setting={setting}',
+                                   f'--algorithm={args.algorithm}', f'--steps={args.steps}',
+                                   f'--runs={args.runs}'], f'measurement ({shape}, {setting})')
 
 
 def main(argv=None):
