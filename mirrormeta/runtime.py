@@ -116,9 +116,9 @@ def synchronous_dispatch() -> None:
   fresh process (``python -m benchmarks.dispatch``): the resident high-water rise was 3.0x
   XLA's peak asynchronously, 1.0x inline (Omniglot shape; 3.9x vs 0.9x miniImageNet-
   shaped), and the steps took 0.89x (0.74x) the time inline, 0.92x (0.88x) over the last
-  ten steps; over 60 steps the last 30 still took 0.91x. The host has nothing to overlap on CPU: the cores run the step. Only
-  computations on one device (JAX's setting leaves parallel ones asynchronous); no effect
-  on GPU/TPU programs.
+  ten steps; over 60 steps the last 30 still took 0.91x. The host has nothing to overlap
+  on CPU: the cores run the step. Only computations on one device (JAX's setting leaves
+  parallel ones asynchronous); no effect on GPU/TPU programs.
 
   A setting of JAX's CPU client, read when the backend starts: call it before the first
   JAX computation.
