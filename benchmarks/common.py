@@ -31,15 +31,17 @@ a shared machine hits every variant alike; compare ratios from one run, never ac
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,9 @@ SHAPES = {
 }
 
 
+_SETUP: dict[str, bool] = {}  # setup()'s arguments, for build_all's compiling processes
+
+
 def setup(no_cache: bool = False, default_malloc: bool = False,
           low_memory_schedule: bool = False, threaded_convolutions: bool = False,
           synchronous_dispatch: bool = True) -> None:
@@ -83,6 +88,10 @@ def setup(no_cache: bool = False, default_malloc: bool = False,
   XLA:CPU's memory-ordered scheduler (``mirrormeta.runtime.low_memory_schedule``) or its
   own convolutions (``mirrormeta.runtime.threaded_convolutions``), the runner's config
   fields of the same names, which must be set before JAX starts."""
+  _SETUP.update(no_cache=no_cache, default_malloc=default_malloc,
+                low_memory_schedule=low_memory_schedule,
+                threaded_convolutions=threaded_convolutions,
+                synchronous_dispatch=synchronous_dispatch)
   if low_memory_schedule:
     runtime.low_memory_schedule()
   if threaded_convolutions:
@@ -144,6 +153,7 @@ class Built:
   compile_s: float          # lower + compile (a persistent-cache hit makes this small)
   memory: dict[str, int]
   flops: float              # XLA's count of the step's floating-point operations
+  loaded: bool = False      # from the persistent compilation cache
 
   @property
   def label(self) -> str:
@@ -194,37 +204,132 @@ def make_step(algorithm: str, shape: Shape, steps: int, strategy: mm.Strategy | 
 
 
 _BUILT: dict[tuple, Built] = {}
+_cache_hits = [0]  # persistent-cache hits in this process, counted by JAX's monitoring events
+
+
+def _count_cache_hit(event: str, **_) -> None:
+  if event == '/jax/compilation_cache/cache_hits':
+    _cache_hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+def _build_key(algorithm: str, shape: Shape | str, steps: int,
+               strategy: mm.Strategy | None = None, first_order: bool | None = None,
+               conv: str = 'mirrormeta', layout: str = 'NHWC', block_major: bool = True,
+               native: bool | None = None, **_) -> tuple:
+  """What identifies a built program (build's arguments, with the defaults filled in)."""
+  shape = SHAPES[shape] if isinstance(shape, str) else shape
+  strategy = strategy or mm.default_strategy()
+  native = mm.native.default() if native is None else native
+  # Not the Strategy itself: Strategy(unroll=True) == Strategy(unroll=1) (True == 1 in
+  # Python), but full unrolling and lax.scan are different programs.
+  return (algorithm, shape, steps, strategy_key(strategy), first_order, conv, layout,
+          block_major, native)
 
 
 def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy | None = None,
           first_order: bool | None = None, verbose: bool = True,
           conv: str = 'mirrormeta', layout: str = 'NHWC', block_major: bool = True,
-          native: bool | None = None) -> Built:
-  """Compiles (once per process and configuration) the jitted, state-donating meta-step."""
+          native: bool | None = None, compiled_elsewhere_s: float | None = None) -> Built:
+  """Compiles (once per process and configuration) the jitted, state-donating meta-step.
+  ``compiled_elsewhere_s``: the compile time in another process (:func:`build_all`), whose
+  executable this process loads from the persistent cache; ``compile_s`` if it loads."""
   shape = SHAPES[shape] if isinstance(shape, str) else shape
   strategy = strategy or mm.default_strategy()
   if native is None:
     native = mm.native.default()
-  # Not the Strategy itself: Strategy(unroll=True) == Strategy(unroll=1) (True == 1 in
-  # Python), but full unrolling and lax.scan are different programs.
-  key = (algorithm, shape, steps, strategy_key(strategy), first_order, conv, layout,
-         block_major, native)
+  key = _build_key(algorithm, shape, steps, strategy, first_order, conv, layout, block_major,
+                   native)
   if key in _BUILT and _BUILT[key].compiled is not None:
     return _BUILT[key]
   meta, theta, support, query, fo = make_step(algorithm, shape, steps, strategy, first_order,
                                               conv=conv, layout=layout,
                                               block_major=block_major, native=native)
   state = jax.jit(meta.init)(theta)
-  t = time.perf_counter()
+  t, hits = time.perf_counter(), _cache_hits[0]
   compiled = jax.jit(meta.step, donate_argnums=0).lower(state, support, query).compile()
-  compile_s = time.perf_counter() - t
+  here_s = time.perf_counter() - t
+  loaded = _cache_hits[0] > hits
+  compile_s = compiled_elsewhere_s if loaded and compiled_elsewhere_s is not None else here_s
   b = Built(algorithm, shape, steps, strategy, fo, compiled, state, support, query,
-            compile_s, memory_bytes(compiled), flop_count(compiled))
-  if verbose:
-    print(f'  compiled {b.label} [{strategy_label(strategy)}] in {compile_s:.1f} s, '
+            compile_s, memory_bytes(compiled), flop_count(compiled), loaded)
+  if compiled_elsewhere_s is not None and not loaded:
+    print(f'  {b.label}: compiled in another process but not found in the compilation cache '
+          f'(compiled here again, {here_s:.1f} s)', flush=True)
+  elif verbose:
+    where = (f' (in a compiling process; loaded here in {here_s:.1f} s)'
+             if compiled_elsewhere_s is not None else ' (from the cache)' if loaded else '')
+    print(f'  compiled {b.label} [{strategy_label(strategy)}] in {compile_s:.1f} s{where}, '
           f'peak {mb(b.memory.get("peak", 0)):.1f} MB', flush=True)
   _BUILT[key] = b
   return b
+
+
+def compile_workers() -> int:
+  """How many programs :func:`build_all` compiles at once: one per core, at most 8."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, min(8, cores or 1))
+
+
+def build_all(specs: Mapping[Hashable, dict], workers: int | None = None,
+              verbose: bool = True) -> dict[Hashable, Built]:
+  """``{name: build(**spec)}`` for every spec, compiled first by up to ``workers`` fresh
+  processes at once (default :func:`compile_workers`), which fill the persistent
+  compilation cache; this process loads each program from it as soon as it is compiled.
+
+  Why processes: XLA compiles one program at a time per process, on about one core. Two
+  threads compiling two meta-steps in one process take as long as one after the other
+  (MAML and MetaMiDA K=1, Omniglot shape, on 2 cores: 17.9 s vs 17.3 s), although the GIL
+  is released; two processes overlap (21.7 s vs 28.0 s, imports included). Compiles are
+  most of a benchmark's start: 40-100 s per Conv4 step on an H100. Sequential here when
+  ``workers`` is 1, without :func:`setup` or with ``no_cache`` (nothing to load from); a
+  program whose compiling process fails is compiled here (its error printed)."""
+  specs = dict(specs)
+  done = {name: _BUILT.get(_build_key(**spec)) for name, spec in specs.items()}
+  built = {name: b for name, b in done.items() if b is not None and b.compiled is not None}
+  todo = [name for name in specs if name not in built]  # not yet built in this process
+  workers = min(len(todo), compile_workers() if workers is None else workers)
+  if workers <= 1 or not _SETUP or _SETUP['no_cache']:
+    return {name: build(**spec, verbose=verbose) for name, spec in specs.items()}
+  t = time.perf_counter()
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context('spawn'),
+      initializer=_compiler_init,
+      initargs=(dict(_SETUP), jax.config.jax_compilation_cache_dir,
+                jax.config.jax_persistent_cache_min_compile_time_secs)) as pool:
+    # Costlier programs (more inner steps) first, so that the last to finish is short.
+    futures = {pool.submit(_compile_one, specs[name]): name
+               for name in sorted(todo, key=lambda n: -specs[n]['steps'])}
+    for future in concurrent.futures.as_completed(futures):
+      name = futures[future]
+      try:
+        seconds = future.result()
+      except Exception as e:  # pylint: disable=broad-except
+        print(f'  compiling {name} in another process failed ({type(e).__name__}: {e}); '
+              'compiling it here', flush=True)
+        seconds = None
+      built[name] = build(**specs[name], verbose=verbose, compiled_elsewhere_s=seconds)
+  if verbose:
+    print(f'  built {len(todo)} programs, compiled in {workers} processes, in '
+          f'{time.perf_counter() - t:.1f} s', flush=True)
+  return {name: built[name] for name in specs}
+
+
+def _compiler_init(setup_kwargs: dict, cache_dir: str, min_compile_s: float) -> None:
+  # Several processes on one GPU: each takes memory as it needs it, not 75% at start.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  setup(**setup_kwargs)
+  if cache_dir:  # the calling process's, however it was set
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_s)
+
+
+def _compile_one(spec: dict) -> float:
+  seconds = build(**spec, verbose=False).compile_s
+  _BUILT.clear()  # the executable is in the cache; keep the compiling process small
+  return seconds
 
 
 def flop_count(compiled) -> float:
@@ -309,6 +414,13 @@ def partial_note(rounds: int, repeats: int, of: str = '') -> str:
   before its end keeps what it timed); ``of`` names the part measured."""
   return (f'**Partial: {rounds} of {repeats} rounds{of}**, saved after each round while the '
           'run went on.')
+
+
+def add_compile_workers_flag(parser) -> None:
+  """``--compile_workers``, for :func:`build_all`."""
+  parser.add_argument('--compile_workers', type=int, default=None,
+                      help='processes compiling the programs at once (default: one per core, '
+                           'at most 8; 1: one after the other, in this process)')
 
 
 def add_deadline_flag(parser) -> None:

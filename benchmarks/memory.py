@@ -39,6 +39,7 @@ def main(argv=None):
                  help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")
   p.add_argument('--low_memory_schedule', action='store_true',
                  help="XLA:CPU's memory-ordered scheduler (mirrormeta.runtime.low_memory_schedule)")
+  C.add_compile_workers_flag(p)
   p.add_argument('--out', default='memory')
   args = p.parse_args(argv)
   C.setup(args.no_cache, args.default_malloc, args.low_memory_schedule)
@@ -46,14 +47,15 @@ def main(argv=None):
   print(env)
   shape = C.SHAPES[args.shape]
   default = mm.default_strategy()  # the backend's task mapping and map recomputation
+  built = C.build_all({(unroll, alg, remat, k): dict(
+      algorithm=alg, shape=shape, steps=k, strategy=default._replace(unroll=unroll, remat=remat))
+                       for unroll in args.unroll for alg in args.algorithms
+                       for remat in (False, True) for k in args.ks},
+                      workers=args.compile_workers)
   peaks = {}
-  for unroll in args.unroll:
-    for alg in args.algorithms:
-      for remat in (False, True):
-        for k in args.ks:
-          b = C.build(alg, shape, k, default._replace(unroll=unroll, remat=remat))
-          peaks[unroll, alg, remat, k] = b.memory
-          b.free()  # Only the accounting is needed; keep the process small.
+  for key, b in built.items():
+    peaks[key] = b.memory
+    b.free()  # Only the accounting is needed; keep the process small.
 
   cmd = C.command('memory', argv)
   lines = [f'# Peak memory vs K, with and without jax.checkpoint ({jax.default_backend()})', '',

@@ -278,10 +278,11 @@ def main(argv=None):
   p.add_argument('--shape', default='omniglot', choices=sorted(C.SHAPES))
   p.add_argument('--algorithms', type=C.csv_list, default=['maml', 'metamida'])
   p.add_argument('--steps', type=int, default=5, help='K')
-  p.add_argument('--strategy', type=strategies.parse_spec, default=None,
+  p.add_argument('--strategy', default=None,  # parsed after setup(), as in strategies
                  help='tasks:unroll[:map_remat[:conv[:layout[:icnn]]]] (default: the defaults)')
   p.add_argument('--rounds', type=int, default=5)
   p.add_argument('--top', type=int, default=12)
+  C.add_compile_workers_flag(p)
   p.add_argument('--out', default='profile')
   p.add_argument('--trace_dir', default=None,
                  help='keep the trace here (view it in Perfetto or TensorBoard)')
@@ -289,9 +290,11 @@ def main(argv=None):
   C.setup()
   env = C.environment()
   print(env)
-  spec = args.strategy or strategies.default_spec()
+  spec = (strategies.parse_specs(p, [args.strategy])[0] if args.strategy else
+          strategies.default_spec())
   shape = C.SHAPES[args.shape]
-  built = {a: spec.build(a, shape, args.steps) for a in args.algorithms}
+  built = C.build_all({a: spec.build_spec(a, shape, args.steps) for a in args.algorithms},
+                      workers=args.compile_workers)
   profiles = profile(built, args.rounds, args.trace_dir)
   text = '\n'.join([
       f'# Where the meta-step\'s time goes ({jax.default_backend()})', '',

@@ -49,10 +49,12 @@ class Spec(NamedTuple):
     # C.strategy_key: Strategy(unroll=True) == Strategy(unroll=1) as Python values.
     return C.strategy_key(self.strategy) + (self.conv, self.layout, self.icnn)
 
-  def build(self, algorithm: str, shape: C.Shape, steps: int) -> C.Built:
-    """The meta-step in this configuration (:func:`benchmarks.common.build`)."""
-    return C.build(algorithm, shape, steps, self.strategy, conv=self.conv, layout=self.layout,
-                   block_major=self.icnn != 'natural', native=self.icnn == 'native')
+  def build_spec(self, algorithm: str, shape: C.Shape, steps: int) -> dict:
+    """The arguments of :func:`benchmarks.common.build` for the meta-step in this
+    configuration."""
+    return dict(algorithm=algorithm, shape=shape, steps=steps, strategy=self.strategy,
+                conv=self.conv, layout=self.layout, block_major=self.icnn != 'natural',
+                native=self.icnn == 'native')
 
   @property
   def name(self) -> str:
@@ -68,20 +70,33 @@ def default_spec() -> Spec:
 def parse_spec(s: str) -> Spec:
   """'tasks:unroll[:map_remat[:conv[:layout[:icnn]]]]' -> Spec; omitted fields are the
   default's."""
-  tasks, unroll, *rest = s.split(':')
-  default = default_spec()
+  tasks, unroll, *rest = s.split(':') + ([''] if ':' not in s else [])
   fields = dict(zip(('map_remat', 'conv', 'layout', 'icnn'), rest))
-  spec = Spec(default.strategy._replace(
+  if (len(rest) > 4 or tasks not in ('vmap', 'loop')
+      or not (unroll == 'full' or unroll.isdigit() and int(unroll) > 0)
+      or fields.get('map_remat', 'tied') not in mm.core.MAP_REMATS
+      or fields.get('conv', DEFAULT_CONV) not in mm.models.CONVOLUTIONS
+      or fields.get('layout', 'NHWC') not in mm.models.LAYOUTS
+      or fields.get('icnn', 'native') not in ICNN_ORDERS):
+    raise ValueError(f'{s!r} is not tasks:unroll[:map_remat[:conv[:layout[:icnn]]]] with tasks '
+                     f'in vmap|loop, unroll full or a positive number, map_remat in '
+                     f'{"|".join(mm.core.MAP_REMATS)}, conv in '
+                     f'{"|".join(mm.models.CONVOLUTIONS)}, layout in '
+                     f'{"|".join(mm.models.LAYOUTS)}, icnn in {"|".join(ICNN_ORDERS)}')
+  default = default_spec()
+  return Spec(default.strategy._replace(
                   tasks=tasks, unroll=True if unroll == 'full' else int(unroll),
                   map_remat=fields.get('map_remat', default.strategy.map_remat)),
               fields.get('conv', default.conv), fields.get('layout', default.layout),
               fields.get('icnn', default.icnn))
-  if (len(rest) > 4 or tasks not in ('vmap', 'loop') or spec.conv not in mm.models.CONVOLUTIONS
-      or spec.layout not in mm.models.LAYOUTS or spec.icnn not in ICNN_ORDERS):
-    raise ValueError(f'{s!r} is not tasks:unroll[:map_remat[:conv[:layout[:icnn]]]] with tasks '
-                     f'in vmap|loop, conv in {"|".join(mm.models.CONVOLUTIONS)}, layout in '
-                     f'{"|".join(mm.models.LAYOUTS)}, icnn in {"|".join(ICNN_ORDERS)}')
-  return spec
+
+
+def parse_specs(parser: argparse.ArgumentParser, texts: list[str]) -> list[Spec]:
+  """:func:`parse_spec` of each text, a bad one refused as ``parser``'s usage error."""
+  try:
+    return [parse_spec(t) for t in texts]
+  except ValueError as e:
+    parser.error(str(e))
 
 
 def main(argv=None):
@@ -91,12 +106,15 @@ def main(argv=None):
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--warmup', type=int, default=1)
-  p.add_argument('--strategies', type=lambda s: [parse_spec(x) for x in C.csv_list(s)],
-                 default=[parse_spec(x) for x in ('loop:full', 'loop:1', 'vmap:full', 'vmap:1')])
+  # Parsed after setup(): a spec's omitted fields are the backend's defaults, and asking for
+  # the backend starts it, which setup's process settings must precede.
+  p.add_argument('--strategies', type=C.csv_list,
+                 default=['loop:full', 'loop:1', 'vmap:full', 'vmap:1'])
   p.add_argument('--no_cache', action='store_true')
   p.add_argument('--default_malloc', action='store_true',
                  help="glibc's default malloc (no mirrormeta.runtime.retain_freed_memory)")
   C.add_deadline_flag(p)
+  C.add_compile_workers_flag(p)
   p.add_argument('--out', default='strategies')
   args = p.parse_args(argv)
   deadline = C.deadline_after(args.deadline_s)
@@ -105,10 +123,11 @@ def main(argv=None):
   print(env)
   default = default_spec()
   shape = C.SHAPES[args.shape]
-  specs = list(args.strategies)
+  specs = parse_specs(p, args.strategies)
   if default.key not in [s.key for s in specs]:
     specs.insert(0, default)
-  built = {s.key: s.build(args.algorithm, shape, args.steps) for s in specs}
+  built = C.build_all({s.key: s.build_spec(args.algorithm, shape, args.steps) for s in specs},
+                      workers=args.compile_workers)
   names = {s.key: s.name for s in specs}
   cmd = C.command('strategies', argv)
 

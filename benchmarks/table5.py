@@ -45,10 +45,8 @@ def run_shape(shape, algorithms, ks, args, on_round=None):
   round with the samples so far."""
   print(f'\n== {shape.name}: image {shape.image}, Conv4-{shape.filters}, {C.N_WAY}-way '
         f'{C.SHOT}-shot {C.QUERY} query, {C.TASKS} tasks, second order', flush=True)
-  built = {}
-  for alg in algorithms:
-    for k in ks:
-      built[alg, k] = C.build(alg, shape, k)
+  built = C.build_all({(alg, k): dict(algorithm=alg, shape=shape, steps=k)
+                       for alg in algorithms for k in ks}, workers=args.compile_workers)
 
   pairs = [(a, v) for a in args.torch_algorithms for v in args.torch]
   torch_times = {key: [] for key in pairs}
@@ -274,6 +272,7 @@ def main(argv=None):
                  help='measure the device\'s matmul and copy rates and report achieved FLOP/s '
                       'against them (default: on a GPU)')
   C.add_deadline_flag(p)
+  C.add_compile_workers_flag(p)
   p.add_argument('--out', default='table5')
   args = p.parse_args(argv)
   args.deadline = C.deadline_after(args.deadline_s)

@@ -1,7 +1,9 @@
 """The benchmarks' measuring tools: FLOP counts, device ceilings, option parsing, stand-ins."""
 
 import collections
+import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -98,7 +100,8 @@ def test_table5_saves_its_figures_after_every_round(tmp_path, monkeypatch):
   timed: the results file is rewritten after each round, marked partial until the end."""
   killed, whole = _killed_after_two_saves(
       table5, ['--shapes=tiny', '--algorithms=maml,metamida', '--ks=1', '--repeats=3',
-               '--warmup=0', '--torch=', '--out=t5'], 't5', tmp_path, monkeypatch)
+               '--warmup=0', '--torch=', '--out=t5', '--compile_workers=1'], 't5', tmp_path,
+      monkeypatch)
   assert '**Partial: 2 of 3 rounds of the tiny shape**' in killed
   assert '| maml | 1 |' in killed and '| metamida | 1 |' in killed
   assert 'MetaMiDA / MAML time at K=1: ' in killed and 'no 95% CI from 2 rounds' in killed
@@ -108,10 +111,89 @@ def test_table5_saves_its_figures_after_every_round(tmp_path, monkeypatch):
 def test_strategies_saves_its_figures_after_every_round(tmp_path, monkeypatch):
   killed, whole = _killed_after_two_saves(
       strategies, ['--shape=tiny', '--algorithm=maml', '--steps=1', '--repeats=3',
-                   '--warmup=0', '--strategies=loop:full,loop:1', '--out=st'], 'st',
+                   '--warmup=0', '--strategies=loop:full,loop:1', '--out=st',
+                   '--compile_workers=1'], 'st',
       tmp_path, monkeypatch)
   assert '**Partial: 2 of 3 rounds**' in killed and '2 interleaved rounds' in killed
   assert 'Partial' not in whole and '3 interleaved rounds' in whole
+
+
+_BUILD_ALL = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from benchmarks import common as C
+
+def main():
+  C.setup()
+  tiny = C.Shape('tiny', (16, 16, 1), 4)
+  specs = {a: dict(algorithm=a, shape=tiny, steps=1) for a in ('maml', 'metamida')}
+  built = C.build_all(specs, workers=2, verbose=False)
+  again = C.build_all(specs, workers=2, verbose=False)  # already built: reused, no compiling
+  out = {}
+  for name, b in built.items():
+    _, metrics = b.compiled(b.state, b.support, b.query)
+    out[name] = [b.loaded, b.compile_s, bool(np.isfinite(float(metrics['loss']))),
+                 again[name] is b]
+  print(json.dumps(out))
+
+if __name__ == '__main__':  # build_all's processes are spawned: they import this module
+  main()
+"""
+
+
+def test_build_all_compiles_in_other_processes_and_loads_their_programs(tmp_path):
+  """build_all's programs are compiled by fresh processes into the persistent cache (here an
+  empty one) and this process loads them from it: none is compiled here. In a fresh
+  process, as a benchmark runs it (JAX reads the cache's folder once)."""
+  script = tmp_path / 'build_all.py'
+  script.write_text(_BUILD_ALL)
+  proc = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True,
+                        check=False, cwd=ROOT,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu',
+                             'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'cache')})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout.splitlines()[-1])
+  assert list(out) == ['maml', 'metamida']
+  for loaded, compile_s, finite, reused in out.values():
+    assert loaded and finite and reused
+    assert compile_s > 1  # the compiling process's time, not this one's load
+
+
+_UNTIL_SETUP = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+from jax._src import xla_bridge
+from benchmarks import common as C
+class Reached(Exception):
+  pass
+def setup(*args, **kwargs):
+  raise Reached(xla_bridge.backends_are_initialized())
+C.setup = setup
+started = []
+for name, argv in json.loads(sys.argv[2]):
+  sys.argv = [name] + argv
+  try:
+    importlib.import_module('benchmarks.' + name).main()
+  except Reached as e:
+    started.append([name, argv, e.args[0]])
+print(json.dumps(started))
+"""
+
+
+def test_benchmarks_reach_setup_before_jax_starts():
+  """setup()'s process settings (synchronous dispatch, XLA flags) apply only before JAX's
+  backend starts: parsing a benchmark's flags, defaults included, must not start it. Each
+  main runs, in a fresh process, until it calls setup()."""
+  runs = [['table5', ['--shapes=omniglot']], ['memory', []], ['sampler', []],
+          ['map_cost', []], ['build_time', []], ['train_time', []], ['strategies', []],
+          ['strategies', ['--strategies=vmap:full,loop:1:tied']],
+          ['profile', ['--strategy=loop:full:tied']]]
+  proc = subprocess.run([sys.executable, '-c', _UNTIL_SETUP, ROOT, json.dumps(runs)],
+                        capture_output=True, text=True, check=False, cwd=ROOT,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.splitlines()[-1]) == [run + [False] for run in runs]
 
 
 def test_strategy_spec_fills_the_backend_defaults():
@@ -124,7 +206,8 @@ def test_strategy_spec_fills_the_backend_defaults():
   assert (s.tasks, s.unroll, s.map_remat, conv, layout, icnn) == ('loop', True, 'checkpoint',
                                                                   'lax', 'NCHW', 'natural')
   assert strategies.parse_spec('loop:full:tied:mirrormeta:NHWC:native').icnn == 'native'
-  for bad in ('loop:full:tied:lax:NWHC', 'loops:1', 'loop:1:tied:cudnn',
+  for bad in ('loop:full:tied:lax:NWHC', 'loops:1', 'loop:1:tied:cudnn', 'loop', 'loop:bad',
+              'loop:0', 'vmap:full:tie',
               'loop:1:tied:lax:NHWC:channel_major', 'loop:1:tied:lax:NHWC:natural:x'):
     with pytest.raises(ValueError, match='tasks:unroll'):
       strategies.parse_spec(bad)
