@@ -119,15 +119,23 @@ def test_strategies_saves_its_figures_after_every_round(tmp_path, monkeypatch):
 
 
 _BUILD_ALL = """
-import json, sys
+import concurrent.futures, json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from benchmarks import common as C
 
+pools = []
+class Pool(concurrent.futures.ProcessPoolExecutor):
+  def __init__(self, *args, **kwargs):
+    pools.append(args[0])
+    super().__init__(*args, **kwargs)
+C.concurrent.futures.ProcessPoolExecutor = Pool
+
 def main():
   C.setup()
   tiny = C.Shape('tiny', (16, 16, 1), 4)
-  specs = {a: dict(algorithm=a, shape=tiny, steps=1) for a in ('maml', 'metamida')}
+  specs = {f'{a} K={k}': dict(algorithm=a, shape=tiny, steps=k)
+           for a, k in (('metamida', 1), ('maml', 2), ('maml', 1))}
   built = C.build_all(specs, workers=2, verbose=False)
   again = C.build_all(specs, workers=2, verbose=False)  # already built: reused, no compiling
   out = {}
@@ -135,7 +143,7 @@ def main():
     _, metrics = b.compiled(b.state, b.support, b.query)
     out[name] = [b.loaded, b.compile_s, bool(np.isfinite(float(metrics['loss']))),
                  again[name] is b]
-  print(json.dumps(out))
+  print(json.dumps([pools, out]))
 
 if __name__ == '__main__':  # build_all's processes are spawned: they import this module
   main()
@@ -143,21 +151,30 @@ if __name__ == '__main__':  # build_all's processes are spawned: they import thi
 
 
 def test_build_all_compiles_in_other_processes_and_loads_their_programs(tmp_path):
-  """build_all's programs are compiled by fresh processes into the persistent cache (here an
-  empty one) and this process loads them from it: none is compiled here. In a fresh
-  process, as a benchmark runs it (JAX reads the cache's folder once)."""
+  """Into an empty persistent cache, build_all compiles the cheapest program here, then
+  the rest in fresh processes, and loads those from the cache. Run again (a fresh process,
+  as a benchmark's rerun), the cheapest is loaded from the cache and so are the rest, here:
+  no compiling processes. In fresh processes, as a benchmark runs it (JAX reads the
+  cache's folder once)."""
   script = tmp_path / 'build_all.py'
   script.write_text(_BUILD_ALL)
-  proc = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True,
-                        check=False, cwd=ROOT,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu',
-                             'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'cache')})
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  out = json.loads(proc.stdout.splitlines()[-1])
-  assert list(out) == ['maml', 'metamida']
-  for loaded, compile_s, finite, reused in out.values():
-    assert loaded and finite and reused
-    assert compile_s > 1  # the compiling process's time, not this one's load
+  def run():
+    proc = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True,
+                          check=False, cwd=ROOT,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu',
+                               'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'cache')})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+  pools, out = run()
+  assert pools == [2] and list(out) == ['metamida K=1', 'maml K=2', 'maml K=1']
+  here = [name for name, (loaded, *_) in out.items() if not loaded]
+  assert len(here) == 1 and here[0].endswith('K=1')  # the probe: a cheapest program
+  for name, (loaded, compile_s, finite, reused) in out.items():
+    assert finite and reused
+    if name not in here:
+      assert compile_s > 1  # the compiling process's time, not this one's load
+  pools, out = run()
+  assert pools == [] and all(loaded for loaded, *_ in out.values())
 
 
 _UNTIL_SETUP = """
