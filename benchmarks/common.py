@@ -275,18 +275,19 @@ def compile_workers() -> int:
 
 def build_all(specs: Mapping[Hashable, dict], workers: int | None = None,
               verbose: bool = True) -> dict[Hashable, Built]:
-  """``{name: build(**spec)}`` for every spec. The cheapest (fewest inner steps) is built
-  here first; if it was not in the persistent compilation cache, the rest are compiled by
-  up to ``workers`` fresh processes at once (default :func:`compile_workers`), which fill
-  the cache, and this process loads each program as soon as it is compiled.
+  """``{name: build(**spec)}`` for every spec. The programs are built here, cheapest (fewest
+  inner steps) first, while the persistent compilation cache holds them; from the first
+  one it did not, the rest are compiled by up to ``workers`` fresh processes at once
+  (default :func:`compile_workers`), which fill the cache, and this process loads each as
+  soon as it is compiled.
 
   Why processes: XLA compiles one program at a time per process, on about one core. Two
   threads compiling two meta-steps in one process take as long as one after the other
   (MAML and MetaMiDA K=1, Omniglot shape, on 2 cores: 17.9 s vs 17.3 s), although the GIL
   is released; two processes overlap (21.7 s vs 28.0 s, imports included). Compiles are
-  most of a benchmark's start: 40-100 s per Conv4 step on an H100. Why the probe: a
-  program in the cache would be loaded twice, there and here (MAML and MetaMiDA K=1, 5 on
-  2 cores from a warm cache: 60-64 s in 2 processes, 45-46 s here alone). Sequential here
+  most of a benchmark's start: 40-100 s per Conv4 step on an H100. Why here first: a
+  program in the cache would be read twice, there and here (MAML and MetaMiDA K=1, 5 on 2
+  cores from a warm cache: 60-64 s in 2 processes, 45-46 s here alone). Sequential here
   when ``workers`` is 1, without :func:`setup` or with ``no_cache``; a program whose
   compiling process fails is compiled here (its error printed)."""
   specs = dict(specs)
@@ -296,9 +297,14 @@ def build_all(specs: Mapping[Hashable, dict], workers: int | None = None,
   workers = min(len(todo) - 1, compile_workers() if workers is None else workers)
   if workers <= 1 or not _SETUP or _SETUP['no_cache']:
     return {name: build(**spec, verbose=verbose) for name, spec in specs.items()}
-  probe = built[todo[0]] = build(**specs[todo[0]], verbose=verbose)
-  if probe.loaded:  # a rerun: the cache holds the rest too, most likely
-    return {name: build(**spec, verbose=verbose) for name, spec in specs.items()}
+  while todo:  # here, while the cache holds them: a compiling process would read them too
+    name = todo.pop(0)
+    built[name] = build(**specs[name], verbose=verbose)
+    if not built[name].loaded:
+      break
+  workers = min(workers, len(todo))
+  if workers <= 1:  # one left: a process would compile it while this one waits
+    return {name: built.get(name) or build(**specs[name], verbose=verbose) for name in specs}
   t = time.perf_counter()
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context('spawn'),
@@ -306,7 +312,7 @@ def build_all(specs: Mapping[Hashable, dict], workers: int | None = None,
       initargs=(dict(_SETUP), jax.config.jax_compilation_cache_dir,
                 jax.config.jax_persistent_cache_min_compile_time_secs)) as pool:
     # Costlier programs (more inner steps) first, so that the last to finish is short.
-    futures = {pool.submit(_compile_one, specs[name]): name for name in reversed(todo[1:])}
+    futures = {pool.submit(_compile_one, specs[name]): name for name in reversed(todo)}
     for future in concurrent.futures.as_completed(futures):
       name = futures[future]
       try:
@@ -317,7 +323,7 @@ def build_all(specs: Mapping[Hashable, dict], workers: int | None = None,
         seconds = None
       built[name] = build(**specs[name], verbose=verbose, compiled_elsewhere_s=seconds)
   if verbose:
-    print(f'  built {len(todo) - 1} more programs, compiled in {workers} processes, in '
+    print(f'  built {len(todo)} more programs, compiled in {workers} processes, in '
           f'{time.perf_counter() - t:.1f} s', flush=True)
   return {name: built[name] for name in specs}
 
