@@ -70,19 +70,16 @@ def default_spec() -> Spec:
 def parse_spec(s: str) -> Spec:
   """'tasks:unroll[:map_remat[:conv[:layout[:icnn]]]]' -> Spec; omitted fields are the
   default's."""
-  tasks, unroll, *rest = s.split(':') + ([''] if ':' not in s else [])
-  fields = dict(zip(('map_remat', 'conv', 'layout', 'icnn'), rest))
-  if (len(rest) > 4 or tasks not in ('vmap', 'loop')
+  tasks, unroll, *rest = s.split(':') if ':' in s else (s, '')
+  allowed = dict(map_remat=mm.core.MAP_REMATS, conv=mm.models.CONVOLUTIONS,
+                 layout=mm.models.LAYOUTS, icnn=ICNN_ORDERS)
+  fields = dict(zip(allowed, rest))
+  if (len(rest) > len(allowed) or tasks not in ('vmap', 'loop')
       or not (unroll == 'full' or unroll.isdigit() and int(unroll) > 0)
-      or fields.get('map_remat', 'tied') not in mm.core.MAP_REMATS
-      or fields.get('conv', DEFAULT_CONV) not in mm.models.CONVOLUTIONS
-      or fields.get('layout', 'NHWC') not in mm.models.LAYOUTS
-      or fields.get('icnn', 'native') not in ICNN_ORDERS):
+      or any(value not in allowed[field] for field, value in fields.items())):
     raise ValueError(f'{s!r} is not tasks:unroll[:map_remat[:conv[:layout[:icnn]]]] with tasks '
-                     f'in vmap|loop, unroll full or a positive number, map_remat in '
-                     f'{"|".join(mm.core.MAP_REMATS)}, conv in '
-                     f'{"|".join(mm.models.CONVOLUTIONS)}, layout in '
-                     f'{"|".join(mm.models.LAYOUTS)}, icnn in {"|".join(ICNN_ORDERS)}')
+                     'in vmap|loop, unroll full or a positive number, ' +
+                     ', '.join(f'{f} in {"|".join(v)}' for f, v in allowed.items()))
   default = default_spec()
   return Spec(default.strategy._replace(
                   tasks=tasks, unroll=True if unroll == 'full' else int(unroll),
