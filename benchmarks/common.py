@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 import mirrormeta as mm
+from benchmarks.torch_reference import available_cores  # torch-free: shared with its workers
 from mirrormeta import algorithms, models, runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,8 +270,7 @@ def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy 
 
 def compile_workers() -> int:
   """How many programs :func:`build_all` compiles at once: one per core, at most 8."""
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return max(1, min(8, cores or 1))
+  return min(8, available_cores())
 
 
 def build_all(specs: Mapping[Hashable, dict], workers: int | None = None,
@@ -294,9 +294,10 @@ def build_all(specs: Mapping[Hashable, dict], workers: int | None = None,
   done = {name: _BUILT.get(_build_key(**spec)) for name, spec in specs.items()}
   built = {name: b for name, b in done.items() if b is not None and b.compiled is not None}
   todo = sorted((name for name in specs if name not in built), key=lambda n: specs[n]['steps'])
+  here = lambda: {name: build(**spec, verbose=verbose) for name, spec in specs.items()}
   workers = min(len(todo) - 1, compile_workers() if workers is None else workers)
   if workers <= 1 or not _SETUP or _SETUP['no_cache']:
-    return {name: build(**spec, verbose=verbose) for name, spec in specs.items()}
+    return here()
   while todo:  # here, while the cache holds them: a compiling process would read them too
     name = todo.pop(0)
     built[name] = build(**specs[name], verbose=verbose)
@@ -304,7 +305,7 @@ def build_all(specs: Mapping[Hashable, dict], workers: int | None = None,
       break
   workers = min(workers, len(todo))
   if workers <= 1:  # one left: a process would compile it while this one waits
-    return {name: built.get(name) or build(**specs[name], verbose=verbose) for name in specs}
+    return here()  # (build returns those already built)
   t = time.perf_counter()
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context('spawn'),
@@ -479,7 +480,7 @@ def ratio_interval(a: Sequence[float], b: Sequence[float],
 
 def environment() -> str:
   import platform  # pylint: disable=g-import-not-at-top
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  cores = available_cores()
   return (f'backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax '
           f'{jax.__version__}, {cores} cores available, python {platform.python_version()}, '
           f'{time.strftime("%Y-%m-%d %H:%M")}'
