@@ -7,7 +7,6 @@ stopped (first order), then an optax update of θ.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -85,25 +84,6 @@ def map_tasks(fn: Callable, tasks: PyTree, strategy: Strategy) -> PyTree:
   raise MirrormetaError(f"strategy.tasks must be 'vmap' or 'loop', got {strategy.tasks!r}")
 
 
-def _warn_float64_vmap_on_cpu(theta: PyTree, strategy: Strategy) -> None:
-  """Warns where XLA:CPU has miscompiled float64 meta-gradients (trace time only).
-
-  Why: with jax/jaxlib 0.10.2, float64 gradients of a conv net with batch norm under
-  ``jit(vmap)`` over per-task weights come out wrong on CPU (Conv4, MAML and MetaMiDA
-  alike: meta-gradients off by O(1) against the 'loop' strategy, PyTorch and ``vmap``
-  without ``jit``; float32 is right). Turning off XLA's algebraic simplifier or fusion, or
-  optimization level 0, gives the right values, so it is the compiler's; a repro is
-  ``tests/test_core.py::test_xla_cpu_float64_vmap_miscompile``.
-  """
-  if (strategy.tasks == 'vmap' and jax.default_backend() == 'cpu'
-      and any(getattr(x, 'dtype', None) == jnp.float64 for x in jax.tree.leaves(theta))):
-    warnings.warn(
-        "mirrormeta: float64 parameters with Strategy(tasks='vmap') on CPU: XLA:CPU "
-        f'(jaxlib {jax.__version__}) has computed wrong float64 meta-gradients for conv '
-        "nets in this form; use Strategy(tasks='loop') (the CPU default, "
-        'mm.default_strategy()) or float32', RuntimeWarning, stacklevel=3)
-
-
 def _check_tasks(support: PyTree, query: PyTree) -> None:
   sizes = {x.shape[0] if jnp.ndim(x) else None for x in jax.tree.leaves((support, query))}
   if len(sizes) != 1 or None in sizes:
@@ -131,7 +111,6 @@ def meta_loss(theta: MetaParams, support: PyTree, query: PyTree, *, h_star: core
     '<aux>_per_step'.
   """
   _check_tasks(support, query)
-  _warn_float64_vmap_on_cpu(theta, strategy)
   phi0 = core.primal_map(h_star, theta.h, theta.z,  # shared by all tasks: computed once
                          remat=strategy.map_remat)
 

@@ -47,19 +47,33 @@ def functional(module: nn.Module, example_x: jax.Array) -> Model:
 
 
 def max_pool_2x2(x: jax.Array, layout: str = 'NHWC') -> jax.Array:
-  """2x2 max-pool, stride 2, floor mode, written as reshape + max (``layout``: NHWC or NCHW).
+  """2x2 max-pool, stride 2, floor mode, as the larger of each pair of a window's corners
+  (``layout``: NHWC or NCHW). NaN propagates.
 
   Why not ``nn.max_pool``: its ``reduce_window`` differentiates to select-and-scatter, which
-  on XLA:CPU doubled the backward time of a Conv4 meta-step (DESIGN.md §3); reshape + max
-  differentiates to cheap elementwise ops and is exact (ties aside) on every backend.
+  on XLA:CPU doubled the backward time of a Conv4 meta-step (DESIGN.md §3). Why not
+  ``reshape(...).max(axis)`` (this function's earlier form): JAX differentiates a max by
+  comparing each input with the output for equality, and XLA recomputes the pool's input
+  (batch norm's arithmetic) in the fusions that make the comparison, and on XLA:CPU (jaxlib
+  0.10.2) the recomputed values need not round as the max's did: those windows lost their
+  gradient. Conv4-64's compiled meta-gradients were off by 0.06-0.7 (relative, float32; by
+  O(1) or NaN in float64) against the op-by-op ones (tests/test_core.py). Comparing the
+  corners with each other never compares a value with a recomputation of itself.
   """
   if layout == 'NCHW':
     n, c, h, w = x.shape
-    x = x[:, :, :h // 2 * 2, :w // 2 * 2]
-    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
-  n, h, w, c = x.shape
-  x = x[:, :h // 2 * 2, :w // 2 * 2]
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    x = x[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2)
+    a, b, c_, d = (x[:, :, :, i, :, j] for i in (0, 1) for j in (0, 1))
+  else:
+    n, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    a, b, c_, d = (x[:, :, i, :, j] for i in (0, 1) for j in (0, 1))
+  return _larger(_larger(a, b), _larger(c_, d))
+
+
+def _larger(a: jax.Array, b: jax.Array) -> jax.Array:
+  """max(a, b), NaN if either is; its derivative selects the larger's tangent."""
+  return jnp.where((a >= b) | jnp.isnan(a), a, b)
 
 
 # ``conv`` field of the models: how convolutions (and their derivatives) are computed.

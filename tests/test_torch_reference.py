@@ -111,16 +111,16 @@ def _to_torch(torch, params):
   return [torch.tensor(np.asarray(x, np.float64), requires_grad=True) for x in out]
 
 
-@pytest.mark.parametrize('algorithm,strategy', [('maml', 'default'), ('metamida', 'default'),
-                                               ('metamida', 'scan')])
+@pytest.mark.parametrize('algorithm,strategy', [('maml', 'default'), ('maml', 'vmap'),
+                                               ('metamida', 'default'), ('metamida', 'scan')])
 def test_reference_computes_mirrormetas_meta_gradient(tr, algorithm, strategy):
   """The reference and mirrormeta (MetaMiDA: its closed-form map with hand-derived
   derivatives; the CPU default strategy with the tied recomputation and block-major
-  kernels, and a lax.scan over the steps with jax.checkpoint's recomputation) agree on the
-  meta-loss and every meta-gradient, in float64: the two benchmark sides do the same work,
-  and mirrormeta's meta-gradient equals plain autograd's in another framework. (Not
-  'vmap' over tasks: XLA:CPU miscompiles that in float64, see
-  test_core.py::test_xla_cpu_float64_vmap_miscompile.)"""
+  kernels, a lax.scan over the steps with jax.checkpoint's recomputation, and vmap over
+  tasks) agree on the meta-loss and every meta-gradient, in float64: the two benchmark
+  sides do the same work, and mirrormeta's meta-gradient equals plain autograd's in another
+  framework. (4 filters; test_core.py::test_conv4_meta_gradient_compiled_equals_op_by_op
+  checks 64, where max-pool's derivative once went wrong under XLA's fusion.)"""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -146,7 +146,8 @@ def test_reference_computes_mirrormetas_meta_gradient(tr, algorithm, strategy):
     (loss, _), grads = jax.value_and_grad(mm.meta_loss, has_aux=True)(
         theta, (xs, ys), (xq, yq), h_star=alg.conjugate.apply, loss_fn=loss_fn,
         steps=steps, lr=lr,
-        strategy=mm.default_strategy() if strategy == 'default' else mm.Strategy('loop', 1))
+        strategy={'default': mm.default_strategy(), 'scan': mm.Strategy('loop', 1),
+                  'vmap': mm.Strategy('vmap', True)}[strategy])
     if algorithm == 'metamida':
       moved = jax.tree.map(jnp.subtract, mm.primal_map(alg.conjugate.apply, theta_h, params),
                            params)
