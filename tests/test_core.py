@@ -128,18 +128,32 @@ def test_fixed_spd_quadratic_gives_preconditioned_step():
 
 
 def test_kronecker_is_the_kronecker_preconditioner():
-  params = {'w': jnp.zeros((3, 4))}
+  params = {'w': jnp.zeros((3, 4)), 'k': jnp.zeros((3, 2, 4, 5)), 'b': jnp.zeros(1)}
   conj = conjugates.kronecker()
   theta_h = conj.init(None, params)
   theta_h = jax.tree.map(lambda r: 0.3 * jax.random.normal(jax.random.key(r.size), r.shape), theta_h)
-  z = {'w': jax.random.normal(jax.random.key(9), (3, 4))}
+  z = {k: jax.random.normal(jax.random.key(9), v.shape) for k, v in params.items()}
   phi = mm.primal_map(conj.apply, theta_h, z)
-  A0, A1 = conjugates._spd(theta_h['w']['0']), conjugates._spd(theta_h['w']['1'])
-  # Row-major vec: vec(A0 Z A1ᵀ) = (A0 ⊗ A1) vec Z.
-  np.testing.assert_allclose(phi['w'].ravel(), jnp.kron(A0, A1) @ z['w'].ravel(), rtol=1e-5)
-  eig = np.linalg.eigvalsh(np.kron(A0, A1))
+
+  def kron(factors):  # Row-major vec: vec(Z ×₁ A₁ ⋯ ×ₙ Aₙ) = (A₁ ⊗ ⋯ ⊗ Aₙ) vec Z.
+    return functools.reduce(jnp.kron, [conjugates._spd(r) for r in factors.values()])
+
+  for name in ('w', 'k'):
+    np.testing.assert_allclose(phi[name].ravel(), kron(theta_h[name]) @ z[name].ravel(),
+                               rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(phi['b'], z['b'])  # a length-1 mode has no factor
+  # h* and its θ-derivative (the closed-form JVP's θ term) against the explicit form.
+  explicit = lambda t: sum(0.5 * z[n].ravel() @ kron(t[n]) @ z[n].ravel() for n in ('w', 'k')) \
+      + 0.5 * jnp.sum(z['b'] ** 2)
+  np.testing.assert_allclose(conj.apply(theta_h, z), explicit(theta_h), rtol=1e-5)
+  chex.assert_trees_all_close(jax.grad(conj.apply)(theta_h, z), jax.grad(explicit)(theta_h),
+                              rtol=1e-4, atol=1e-5)
+  eig = np.linalg.eigvalsh(np.asarray(kron(theta_h['k'])))
+  eig_w = np.linalg.eigvalsh(np.asarray(kron(theta_h['w'])))
   b = conj.bounds(theta_h)
-  np.testing.assert_allclose([b['mu'], b['lipschitz']], [eig.min(), eig.max()], rtol=1e-4)
+  np.testing.assert_allclose([b['mu'], b['lipschitz']],
+                             [min(eig.min(), eig_w.min(), 1.0), max(eig.max(), eig_w.max(), 1.0)],
+                             rtol=1e-4)
 
 
 def test_logsumexp_conjugate_is_exponentiated_gradient():
@@ -326,6 +340,32 @@ def test_meta_gradient_matches_finite_differences(conj, map_remat):
     fd = (shifted(1) - shifted(-1)) / (2 * eps)
     analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
     np.testing.assert_allclose(analytic, fd, rtol=1e-5)
+
+
+def test_kronecker_meta_gradient_on_a_conv_net_matches_finite_differences():
+  """MetaCurvature's factors on 4-D kernels (the batched mode products of
+  conjugates._mode_product) through a second-order Conv4 meta-gradient."""
+  model = models.functional(models.Conv4(num_classes=3, filters=4), jnp.zeros((1, 16, 16, 1)))
+  conj = conjugates.kronecker()
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    support = (jnp.asarray(rng.normal(size=(2, 3, 16, 16, 1))), jnp.tile(jnp.arange(3), (2, 1)))
+    query = (jnp.asarray(rng.normal(size=(2, 6, 16, 16, 1))),
+             jnp.tile(jnp.repeat(jnp.arange(3), 2), (2, 1)))
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), model.init(jax.random.key(0)))
+    theta = mm.init_meta_params(conj, params, None)
+    theta = jax.tree.map(lambda x: x + 0.1 * jnp.asarray(rng.normal(size=x.shape)), theta)
+    loss = jax.jit(lambda t: mm.meta_loss(t, support, query, h_star=conj.apply,
+                                          loss_fn=models.classification_loss(model.apply),
+                                          steps=1, lr=0.1)[0])
+    grad = jax.jit(jax.grad(loss))(theta)
+    direction = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), theta)
+    eps = 1e-7  # a ReLU or max-pool kink lies within 1e-6 of θ here (1e-6: 4e-4 off)
+    shifted = lambda s: loss(jax.tree.map(lambda t, d: t + s * eps * d, theta, direction))
+    fd = (shifted(1) - shifted(-1)) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(analytic, fd, rtol=1e-7)
+    assert any(g.ndim == 2 and g.shape[0] == 4 for g in jax.tree.leaves(grad.h))  # 4x4 factors
 
 
 def test_first_order_matches_finite_differences_of_its_surrogate():
