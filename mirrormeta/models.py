@@ -78,7 +78,7 @@ def _larger(a: jax.Array, b: jax.Array) -> jax.Array:
 
 # ``conv`` field of the models: how convolutions (and their derivatives) are computed.
 # Default: mirrormeta.conv, whose derivatives of every order stay canonical convolutions
-# (the Conv4 MAML K=5 meta-step on XLA:CPU: 0.34 vs 0.50 s with lax's own rules,
+# (the Conv4 MAML K=5 meta-step on XLA:CPU: 0.35 vs 0.54 s with lax's own rules,
 # benchmarks/results/conv_cpu.md); ``lax.conv_general_dilated`` is the plain alternative.
 CONVOLUTIONS = {'mirrormeta': conv_lib.conv_general_dilated, 'lax': lax.conv_general_dilated}
 
