@@ -1,15 +1,17 @@
 """Convolution derivatives and malloc retention: the evidence for the CPU defaults.
 
-    python -m benchmarks.conv [--algorithm=maml] [--steps=5] [--repeats=5]
+    python -m benchmarks.conv [--algorithm=maml] [--shape=omniglot] [--steps=5] [--repeats=5]
 
 The Conv4 meta-step (Omniglot-shaped, 5-way 1-shot 15 query, 4 tasks, second order, the
 backend's default strategy) with its convolutions computed by ``mirrormeta.conv`` (every
-derivative order a canonical NHWC convolution) or by ``lax.conv_general_dilated``'s own
-transpose rules, each under glibc's default malloc and under
+derivative order a canonical NHWC convolution; weight gradients image by image where
+``conv._per_image`` says so), by the same with XLA's whole-batch weight gradients
+(``mirrormeta_batched_wgrad``) or by ``lax.conv_general_dilated``'s own transpose rules,
+each under glibc's default malloc and under
 ``mirrormeta.runtime.retain_freed_memory``. The malloc setting is per process, so each
 setting runs in its own subprocess that times both convolutions in interleaved rounds;
 ratios are to the default configuration (mirrormeta conv, retained memory) per round
-where they share a process. Results: ``benchmarks/results/conv_<backend>.md``.
+where they share a process. Results: ``benchmarks/results/<out>_<backend>.md``.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ import argparse
 import json
 import sys
 
-CONVS = ('mirrormeta', 'lax')
+CONVS = ('mirrormeta', 'mirrormeta_batched_wgrad', 'lax')
 
 
 def _measure(args) -> dict:
-  """In this process: both convolutions under this process's malloc setting."""
+  """In this process: every convolution under this process's malloc setting."""
   from benchmarks import common as C  # pylint: disable=g-import-not-at-top
   C.setup(default_malloc=args.default_malloc)
   built = {c: C.build(args.algorithm, args.shape, args.steps, conv=c, verbose=False)

@@ -6,6 +6,7 @@ sees and keeps no running averages, so there is no state outside ``params``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -79,8 +80,14 @@ def _larger(a: jax.Array, b: jax.Array) -> jax.Array:
 # ``conv`` field of the models: how convolutions (and their derivatives) are computed.
 # Default: mirrormeta.conv, whose derivatives of every order stay canonical convolutions
 # (the Conv4 MAML K=5 meta-step on XLA:CPU: 0.35 vs 0.54 s with lax's own rules,
-# benchmarks/results/conv_cpu.md); ``lax.conv_general_dilated`` is the plain alternative.
-CONVOLUTIONS = {'mirrormeta': conv_lib.conv_general_dilated, 'lax': lax.conv_general_dilated}
+# benchmarks/results/conv_cpu.md), with weight gradients summed image by image where that
+# is faster on CPU (conv._per_image); 'mirrormeta_batched_wgrad' keeps XLA's whole-batch
+# weight gradient; ``lax.conv_general_dilated`` is the plain alternative.
+CONVOLUTIONS = {
+    'mirrormeta': conv_lib.conv_general_dilated,
+    'mirrormeta_batched_wgrad': functools.partial(conv_lib.conv_general_dilated,
+                                                  wgrad_form='batched'),
+    'lax': lax.conv_general_dilated}
 
 # ``layout`` field: the memory layout of the activations inside Conv4 / ResNet-12. Inputs
 # (NHWC), parameters (kernels HWIO) and outputs are the same in both, so a checkpoint or a

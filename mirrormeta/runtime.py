@@ -146,6 +146,12 @@ def _refuse_after_start(caller: str, env: str = '') -> None:
                           (f', or set {env} before starting Python' if env else ''))
 
 
+def ynnpack_convolutions() -> bool:
+  """Whether XLA:CPU runs this process's convolutions in YNNPACK (its default), that is,
+  :func:`threaded_convolutions` is off."""
+  return THREADED_CONVOLUTIONS_FLAG not in os.environ.get('XLA_FLAGS', '').split()
+
+
 def _add_xla_flag(flag: str, caller: str) -> None:
   """Adds ``flag`` to ``XLA_FLAGS``, refusing once JAX's backends have started (XLA reads
   the flags once, when the backend starts)."""

@@ -1,5 +1,6 @@
 """mirrormeta.conv (a convolution whose derivatives stay canonical) and the runtime
 settings (malloc retention, XLA:CPU's low-memory schedule)."""
+import functools
 import os
 import subprocess
 import sys
@@ -102,6 +103,36 @@ def test_drop_in_takes_the_fast_path_only_where_it_applies():
     np.testing.assert_array_equal(
         conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims, **extra),
         lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims, **extra))
+
+
+def test_weight_gradient_image_by_image_equals_the_batched_one():
+  """The 'auto' weight gradient, on CPU a sum of one-image convolutions where
+  conv._per_image says it pays, equals XLA's whole-batch one through second order, and the
+  compiled CPU program does hold one weight-gradient convolution per image."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((30, 14, 14, 64)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 64, 64)), jnp.float32) * 0.05
+  assert conv._per_image(x, x) and not conv._per_image(x[:5], x[:5])
+  loss = lambda form, x: lambda w: jnp.sum(jnp.tanh(conv.conv(x, w, form)) ** 2)
+  second = lambda form, x: lambda w: jnp.sum(jax.grad(loss(form, x))(w) ** 2)
+  with jax.enable_x64():  # the same sum in another order: equal to float64 rounding
+    for order in (loss, second):
+      auto, batched = (jax.jit(jax.grad(order(form, x.astype(jnp.float64))))(
+          w.astype(jnp.float64)) for form in conv.WGRAD_FORMS)
+      np.testing.assert_allclose(auto, batched, rtol=1e-10, atol=1e-10 * np.abs(batched).max())
+  loss = functools.partial(loss, x=x)
+  count = lambda form: jax.jit(jax.grad(loss(form))).lower(w).compile().as_text().count(
+      ' convolution(')
+  # forward + weight gradient(s); other backends keep XLA's form (lax.platform_dependent)
+  per_image = jax.default_backend() == 'cpu' and runtime.ynnpack_convolutions()
+  assert (count('auto'), count('batched')) == (1 + (30 if per_image else 1), 1 + 1)
+  drop_in = models.CONVOLUTIONS['mirrormeta_batched_wgrad']
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  assert count('batched') == jax.jit(jax.grad(lambda w: jnp.sum(jnp.tanh(drop_in(
+      x, w, (1, 1), 'SAME', dimension_numbers=dims)) ** 2))).lower(w).compile().as_text().count(
+          ' convolution(')
+  with pytest.raises(MirrormetaError, match="wgrad_form must be one of"):
+    jax.grad(loss('per_pixel'))(w)
 
 
 def test_conv4_meta_gradient_same_with_either_convolution_and_layout():

@@ -52,8 +52,9 @@ Fields (all overridable as ``--config.<field>=<value>``):
     ('auto': the backend's measured best, vmap for MLPs), unroll (scan unroll of the K
     steps; 0 = fully unrolled), remat; map_remat: auto | checkpoint | tied, how the
     meta-gradient recomputes φ = ∇h*(z) (mirrormeta.core.primal_map; 'auto': the
-    backend's default); conv: mirrormeta | lax, how Conv4 / ResNet-12
-    convolutions and their derivatives are computed (mirrormeta.models.CONVOLUTIONS);
+    backend's default); conv: mirrormeta | mirrormeta_batched_wgrad | lax, how Conv4 /
+    ResNet-12 convolutions and their derivatives are computed
+    (mirrormeta.models.CONVOLUTIONS);
     layout: auto | NHWC | NCHW, their activations' memory layout (mirrormeta.models.LAYOUTS;
     'auto': mirrormeta.models.default_layout(), the backend's measured faster one);
     icnn_block_major: the MetaMiDA map computes kernels' channel blocks as [channels, rest]
