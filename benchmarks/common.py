@@ -230,6 +230,41 @@ def _build_key(algorithm: str, shape: Shape | str, steps: int,
           block_major, native)
 
 
+def _mappings() -> tuple[int, int] | None:
+  """(this process's memory mappings, the kernel's limit), on Linux; else None."""
+  try:
+    with open('/proc/self/maps') as f:
+      count = sum(1 for _ in f)
+    with open('/proc/sys/vm/max_map_count') as f:
+      return count, int(f.read())
+  except (OSError, ValueError):
+    return None
+
+
+_MAPPINGS_PER_PROGRAM = [0]  # the most one loaded program has added in this process
+
+
+def _check_mappings(label: str) -> None:
+  """Stops before loading a program that would pass the kernel's memory-mapping limit.
+
+  Why: XLA:CPU maps each compiled kernel's code and data separately (three mappings per
+  loop fusion), and LLVM aborts the whole process when mmap fails ('Unable to allocate
+  section memory'), losing a run's measurements. A Conv4 meta-step adds 1,300-3,400
+  mappings (MAML K=5: 1,363 with XLA's whole-batch weight gradients, 2,936 with the
+  per-image ones, Omniglot shape), so twenty of them in one process reach Linux's default
+  limit of 65,530."""
+  m = _mappings()
+  if m is None or not _MAPPINGS_PER_PROGRAM[0]:
+    return
+  count, limit = m
+  if count + 1.25 * _MAPPINGS_PER_PROGRAM[0] > limit:
+    raise SystemExit(
+        f'loading {label} would pass this process\'s memory-mapping limit ({count} of '
+        f'vm.max_map_count={limit} in use, ~{_MAPPINGS_PER_PROGRAM[0]} per compiled step): '
+        'raise it (sudo sysctl -w vm.max_map_count=262144) or time fewer programs per run '
+        '(--algorithms, --ks)')
+
+
 def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy | None = None,
           first_order: bool | None = None, verbose: bool = True,
           conv: str = 'mirrormeta', layout: str = 'NHWC', block_major: bool = True,
@@ -249,9 +284,14 @@ def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy 
                                               conv=conv, layout=layout,
                                               block_major=block_major, native=native)
   state = jax.jit(meta.init)(theta)
+  label = f'{algorithm} {shape.name} K={steps}'
+  _check_mappings(label)
+  before = _mappings()
   t, hits = time.perf_counter(), _cache_hits[0]
   compiled = jax.jit(meta.step, donate_argnums=0).lower(state, support, query).compile()
   here_s = time.perf_counter() - t
+  if before is not None:
+    _MAPPINGS_PER_PROGRAM[0] = max(_MAPPINGS_PER_PROGRAM[0], _mappings()[0] - before[0])
   loaded = _cache_hits[0] > hits
   compile_s = compiled_elsewhere_s if loaded and compiled_elsewhere_s is not None else here_s
   b = Built(algorithm, shape, steps, strategy, fo, compiled, state, support, query,

@@ -213,6 +213,21 @@ def test_benchmarks_reach_setup_before_jax_starts():
   assert json.loads(proc.stdout.splitlines()[-1]) == [run + [False] for run in runs]
 
 
+def test_build_stops_before_passing_the_memory_mapping_limit(monkeypatch):
+  """A program that would pass vm.max_map_count is refused with the fix, not left to abort
+  the process inside LLVM."""
+  if C._mappings() is None:
+    pytest.skip('no /proc memory-mapping counts here')
+  count, limit = C._mappings()
+  monkeypatch.setattr(C, '_MAPPINGS_PER_PROGRAM', [0])
+  C._check_mappings('x')  # nothing loaded yet: no estimate, no refusal
+  monkeypatch.setattr(C, '_MAPPINGS_PER_PROGRAM', [limit - count + 1])
+  with pytest.raises(SystemExit, match=r'vm.max_map_count=\d+.*sysctl -w vm.max_map_count'):
+    C._check_mappings('maml omniglot K=5')
+  monkeypatch.setattr(C, '_MAPPINGS_PER_PROGRAM', [(limit - count) // 2])
+  C._check_mappings('x')
+
+
 def test_strategy_spec_fills_the_backend_defaults():
   s, conv, layout, icnn = strategies.parse_spec('vmap:1')
   default_icnn = 'native' if mm.native.default() else 'block_major'
