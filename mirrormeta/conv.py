@@ -85,11 +85,12 @@ def _per_image(x, g) -> bool:
   contracts over many large images at once, while one image at a time keeps its speed. One
   convolution, 75 images (a query set), image by image / whole batch: 14x14x64 → 64 0.33,
   42x42x32 → 32 0.32, 21x21x32 → 32 0.43, but 10x10x32 → 32 1.66; 5 images: 42x42x32 → 32
-  0.41, 14x14x64 → 64 1.19 (scratch script, 2 cores). MAML K=5 meta-step: 0.85x the time on
-  the Omniglot shape, 0.75x on the miniImageNet one (benchmarks/README.md, "The weight
-  gradient on CPU"). So: images of ≥ 14x14 pixels whose output gradient holds ≥ 2^18
-  numbers. XLA's own threaded convolutions (runtime.threaded_convolutions) are the other
-  way round (1.5-2.9x slower image by image): there, never.
+  0.41, 14x14x64 → 64 1.19 (scratch script, 2 cores). MAML K=5 meta-step: 0.83x the time on
+  the Omniglot shape, 0.81x on the miniImageNet one (benchmarks/results/conv_cpu.md,
+  conv_mini_cpu.md; benchmarks/README.md, "The weight gradient on CPU"). So: images of
+  ≥ 14x14 pixels whose output gradient holds ≥ 2^18 numbers. XLA's own threaded
+  convolutions (runtime.threaded_convolutions) are the other way round (1.5-2.9x slower
+  image by image): there, never.
   """
   n, h, w = g.shape[:3]
   return n > 1 and h * w >= 196 and g.size >= 2 ** 18 and runtime.ynnpack_convolutions()
