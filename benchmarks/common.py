@@ -244,8 +244,9 @@ def _mappings() -> tuple[int, int] | None:
 _MAPPINGS_PER_PROGRAM = [0]  # the most one loaded program has added in this process
 
 
-def _check_mappings(label: str) -> None:
-  """Stops before loading a program that would pass the kernel's memory-mapping limit.
+def _check_mappings(label: str, m: tuple[int, int] | None) -> None:
+  """Stops before loading a program that would pass the kernel's memory-mapping limit
+  (``m``: :func:`_mappings` now).
 
   Why: XLA:CPU maps each compiled kernel's code and data separately (three mappings per
   loop fusion), and LLVM aborts the whole process when mmap fails ('Unable to allocate
@@ -253,7 +254,6 @@ def _check_mappings(label: str) -> None:
   mappings (MAML K=5: 1,363 with XLA's whole-batch weight gradients, 2,936 with the
   per-image ones, Omniglot shape), so twenty of them in one process reach Linux's default
   limit of 65,530."""
-  m = _mappings()
   if m is None or not _MAPPINGS_PER_PROGRAM[0]:
     return
   count, limit = m
@@ -284,9 +284,8 @@ def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy 
                                               conv=conv, layout=layout,
                                               block_major=block_major, native=native)
   state = jax.jit(meta.init)(theta)
-  label = f'{algorithm} {shape.name} K={steps}'
-  _check_mappings(label)
   before = _mappings()
+  _check_mappings(f'{algorithm} {shape.name} K={steps}', before)
   t, hits = time.perf_counter(), _cache_hits[0]
   compiled = jax.jit(meta.step, donate_argnums=0).lower(state, support, query).compile()
   here_s = time.perf_counter() - t

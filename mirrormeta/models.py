@@ -79,7 +79,7 @@ def _larger(a: jax.Array, b: jax.Array) -> jax.Array:
 
 # ``conv`` field of the models: how convolutions (and their derivatives) are computed.
 # Default: mirrormeta.conv, whose derivatives of every order stay canonical convolutions
-# (the Conv4 MAML K=5 meta-step on XLA:CPU: 0.35 vs 0.54 s with lax's own rules,
+# (the Conv4 MAML K=5 meta-step on XLA:CPU: 0.25 vs 0.46 s with lax's own rules,
 # benchmarks/results/conv_cpu.md), with weight gradients summed image by image where that
 # is faster on CPU (conv._per_image); 'mirrormeta_batched_wgrad' keeps XLA's whole-batch
 # weight gradient; ``lax.conv_general_dilated`` is the plain alternative.

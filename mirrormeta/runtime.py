@@ -146,17 +146,20 @@ def _refuse_after_start(caller: str, env: str = '') -> None:
                           (f', or set {env} before starting Python' if env else ''))
 
 
+def _has_xla_flag(flag: str) -> bool:
+  return flag in os.environ.get('XLA_FLAGS', '').split()
+
+
 def ynnpack_convolutions() -> bool:
   """Whether XLA:CPU runs this process's convolutions in YNNPACK (its default), that is,
   :func:`threaded_convolutions` is off."""
-  return THREADED_CONVOLUTIONS_FLAG not in os.environ.get('XLA_FLAGS', '').split()
+  return not _has_xla_flag(THREADED_CONVOLUTIONS_FLAG)
 
 
 def _add_xla_flag(flag: str, caller: str) -> None:
   """Adds ``flag`` to ``XLA_FLAGS``, refusing once JAX's backends have started (XLA reads
   the flags once, when the backend starts)."""
-  flags = os.environ.get('XLA_FLAGS', '')
-  if flag in flags.split():
+  if _has_xla_flag(flag):
     return
   _refuse_after_start(caller, f'XLA_FLAGS="{flag}"')
-  os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {flag}'.strip()

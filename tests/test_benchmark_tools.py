@@ -220,12 +220,12 @@ def test_build_stops_before_passing_the_memory_mapping_limit(monkeypatch):
     pytest.skip('no /proc memory-mapping counts here')
   count, limit = C._mappings()
   monkeypatch.setattr(C, '_MAPPINGS_PER_PROGRAM', [0])
-  C._check_mappings('x')  # nothing loaded yet: no estimate, no refusal
+  C._check_mappings('x', (count, limit))  # nothing loaded yet: no estimate, no refusal
   monkeypatch.setattr(C, '_MAPPINGS_PER_PROGRAM', [limit - count + 1])
   with pytest.raises(SystemExit, match=r'vm.max_map_count=\d+.*sysctl -w vm.max_map_count'):
-    C._check_mappings('maml omniglot K=5')
+    C._check_mappings('maml omniglot K=5', (count, limit))
   monkeypatch.setattr(C, '_MAPPINGS_PER_PROGRAM', [(limit - count) // 2])
-  C._check_mappings('x')
+  C._check_mappings('x', (count, limit))
 
 
 def test_strategy_spec_fills_the_backend_defaults():
