@@ -77,22 +77,23 @@ SHAPES = {
 }
 
 
-_SETUP: dict[str, bool] = {}  # setup()'s arguments, for build_all's compiling processes
+_SETUP: dict[str, Any] = {}  # setup()'s arguments, for build_all's compiling processes
 
 
 def setup(no_cache: bool = False, default_malloc: bool = False,
           low_memory_schedule: bool = False, threaded_convolutions: bool = False,
-          synchronous_dispatch: bool = True) -> None:
+          synchronous_dispatch: bool = True, arenas: str = 'auto') -> None:
   """What every benchmark does first: the persistent compilation cache, glibc malloc
   retention (``mirrormeta.runtime.retain_freed_memory``) and synchronous CPU dispatch
   (``mirrormeta.runtime.synchronous_dispatch``) as the runner has them; optionally
   XLA:CPU's memory-ordered scheduler (``mirrormeta.runtime.low_memory_schedule``) or its
   own convolutions (``mirrormeta.runtime.threaded_convolutions``), the runner's config
-  fields of the same names, which must be set before JAX starts."""
+  fields of the same names, which must be set before JAX starts. ``arenas``: malloc's
+  arenas under retention (``runtime.retain_freed_memory``; ``benchmarks.arenas``)."""
   _SETUP.update(no_cache=no_cache, default_malloc=default_malloc,
                 low_memory_schedule=low_memory_schedule,
                 threaded_convolutions=threaded_convolutions,
-                synchronous_dispatch=synchronous_dispatch)
+                synchronous_dispatch=synchronous_dispatch, arenas=arenas)
   if low_memory_schedule:
     runtime.low_memory_schedule()
   if threaded_convolutions:
@@ -102,7 +103,7 @@ def setup(no_cache: bool = False, default_malloc: bool = False,
   if not no_cache:
     enable_compilation_cache()
   if not default_malloc:
-    runtime.retain_freed_memory()
+    runtime.retain_freed_memory(arenas)
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:

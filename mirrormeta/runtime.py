@@ -16,9 +16,13 @@ from mirrormeta.errors import MirrormetaError
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 _applied: bool | None = None
+_arenas: list[str | None] = [None]
 
 
-def retain_freed_memory() -> bool:
+ARENAS = ('auto', 'one', 'per_thread')
+
+
+def retain_freed_memory(arenas: str = 'auto') -> bool:
   """Makes glibc's malloc keep freed memory for reuse instead of returning it to the OS.
 
   Why: XLA:CPU allocates the temporaries of every execution with malloc (one slab of
@@ -26,21 +30,64 @@ def retain_freed_memory() -> bool:
   ``mmap`` and unmaps them on ``free``, and trims the heap top, so every meta-step
   page-faults its whole working set in again: on the Conv4 MAML step that was a third of
   the time (0.45 → 0.34 s/step; writing 33 MB of new buffer 27 → 4 ms;
-  benchmarks/results/conv_cpu.md). With mmap off, trimming off and one arena, the second
-  step reuses the first one's pages. Trimming is off entirely (threshold −1, i.e. never)
-  rather than at the largest finite threshold (2 GB): with several ~1.4-1.9 GB
-  miniImageNet-shaped steps in one process the free heap top passed 2 GB, glibc gave it
-  back, and a third of the steps faulted 1.4 GB in again (MAML K=1 0.80 → 1.1-1.5 s/step).
-  Cost: resident memory stays at its high-water mark, which a training process reaches
-  anyway. Other allocators (tcmalloc, jemalloc via ``LD_PRELOAD``) cache freed memory
-  themselves; this is then a harmless no-op.
+  benchmarks/results/conv_cpu.md). With mmap off and trimming off, the second step reuses
+  the first one's pages. Trimming is off entirely (threshold −1, i.e. never) rather than
+  at the largest finite threshold (2 GB): with several ~1.4-1.9 GB miniImageNet-shaped
+  steps in one process the free heap top passed 2 GB, glibc gave it back, and a third of
+  the steps faulted 1.4 GB in again (MAML K=1 0.80 → 1.1-1.5 s/step).
+
+  Arenas: a slab over 64 MB fits only glibc's main arena (other arenas' heaps are 64 MB
+  at most, and there glibc falls back to ``mmap`` whatever ``M_MMAP_MAX`` says), so the
+  thread that allocates it must use the main arena. Under :func:`synchronous_dispatch`
+  that is the caller's (the main) thread, and every other thread keeps its own arena
+  ('per_thread', glibc's default), which matters: YNNPACK's convolutions malloc scratch
+  tiles on the worker threads thousands of times a step, and in one shared arena that a
+  compile has fragmented (XLA's compiler runs in the process) malloc's search took a fifth
+  of the step's CPU time (perf). A first run of the runner compiles its step in the
+  process: Conv4 MAML K=5 steps compiled there took 0.725x the time with an arena per
+  thread (Omniglot shape, 0.324 vs 0.440 s/step; miniImageNet shape 0.880x) and compiled
+  in 0.73x the time; loaded from the compilation cache, 1.00x either way
+  (``python -m benchmarks.arenas``). With JAX's asynchronous dispatch a worker thread
+  allocates the slab, so 'auto' keeps one arena for every thread ('one'). Cost: resident
+  memory stays at its high-water mark, which a training process reaches anyway; the
+  threads' arenas add 0.3-0.5 GB to it (1.16-1.25x on those steps). Other allocators
+  (tcmalloc, jemalloc via ``LD_PRELOAD``) cache freed memory themselves; this is then a
+  harmless no-op.
+
+  Args:
+    arenas: 'auto' (call it after :func:`synchronous_dispatch`, if at all): 'per_thread'
+      under synchronous dispatch, else 'one'; or either of those.
 
   Returns:
-    True if applied (Linux with glibc; idempotent), False where there is no glibc malloc.
+    True if applied (Linux with glibc; the first call's setting holds), False where there
+    is no glibc malloc.
   """
   global _applied
+  if arenas not in ARENAS:
+    raise MirrormetaError(f'retain_freed_memory arenas must be one of {ARENAS}, got {arenas!r}')
   if _applied is not None:
     return _applied
+  if arenas == 'auto':
+    import jax  # pylint: disable=g-import-not-at-top
+    arenas = 'one' if jax.config.read('jax_cpu_enable_async_dispatch') else 'per_thread'
+  _applied = False
+  options = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)] + (
+      [(_M_ARENA_MAX, 1)] if arenas == 'one' else [])
+  if sys.platform.startswith('linux'):
+    try:
+      libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+      if hasattr(libc, 'gnu_get_libc_version') and hasattr(libc, 'mallopt'):
+        _applied = all(libc.mallopt(p, v) == 1 for p, v in options)
+    except OSError:
+      pass
+  if _applied:
+    _arenas[0] = arenas
+  return _applied
+
+
+def applied_arenas() -> str | None:
+  """The arenas :func:`retain_freed_memory` set ('one', 'per_thread'), or None."""
+  return _arenas[0]
   _applied = False
   if sys.platform.startswith('linux'):
     try:

@@ -71,7 +71,9 @@ Fields (all overridable as ``--config.<field>=<value>``):
   progress: show a progress bar.
   retain_freed_memory: let glibc's malloc keep freed memory for reuse
     (mirrormeta.runtime.retain_freed_memory): XLA:CPU otherwise page-faults each step's
-    temporaries in again (Conv4 MAML step 1.34x slower); no effect on other allocators.
+    temporaries in again (Conv4 MAML step 1.34x slower); under synchronous_dispatch each
+    thread keeps its own malloc arena (a step compiled in the run, as a first run's is,
+    took 0.73x the time of one shared arena); no effect on other allocators.
   low_memory_schedule: XLA:CPU's memory-ordered instruction scheduler
     (mirrormeta.runtime.low_memory_schedule): Conv4 K=5 meta-step peak memory 0.5-0.67x,
     but ~1.35x slower; for runs bound by memory. No effect on GPU/TPU.
