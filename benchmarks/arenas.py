@@ -40,43 +40,30 @@ def _measure(args) -> dict:
   t = time.perf_counter()
   b = C.build(args.algorithm, args.shapes, args.steps, verbose=False)
   build_s = time.perf_counter() - t
-  pending, half = None, args.runs // 2
-  for i in range(args.runs):
-    if i == half:
-      t_half = time.perf_counter()
-    b.state, metrics = b.compiled(b.state, b.support, b.query)
-    if pending is not None:
-      C.jax.device_get(pending)
-    pending = metrics
-  C.jax.device_get(pending)
-  return dict(s_per_step=(time.perf_counter() - t_half) / (args.runs - half),
+  s_last_half = C.runner_like_steps(b, args.runs)[1]
+  return dict(s_per_step=s_last_half,
               build_s=build_s, loaded=bool(b.loaded), high_water_mb=C.high_water_kb() / 1024)
 
 
 def _child(args, shape: str, mode: str, setting: str) -> dict:
   from benchmarks import common as C  # pylint: disable=g-import-not-at-top
   return C.child_json('arenas', [f'--shapes={shape}', f'--mode={mode}', f'--setting={setting}',
-                                 f'--algorithm={args.algorithm}', f'--steps={args.steps}',
-                                 f'--runs={args.runs}'], f'measurement ({shape}, {mode}, {setting})')
+                                 *C.fresh_process_flags(args)],
+                      f'measurement ({shape}, {mode}, {setting})')
 
 
 def main(argv=None):
+  from benchmarks import common as C  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--shapes', default='omniglot')
-  p.add_argument('--algorithm', default='maml')
-  p.add_argument('--steps', type=int, default=5, help='inner steps K')
-  p.add_argument('--runs', type=int, default=20, help='steps per process')
-  p.add_argument('--pairs', type=int, default=3, help='processes per setting and mode')
+  C.add_fresh_process_args(p, 'omniglot', 'processes per setting and mode, alternating',
+                           'arenas')
   p.add_argument('--modes', default=','.join(MODES))
-  p.add_argument('--out', default='arenas')
-  p.add_argument('--child', action='store_true', help='(internal) measure and print JSON')
   p.add_argument('--setting', choices=SETTINGS, help='(child processes only)')
   p.add_argument('--mode', choices=MODES, help='(child processes only)')
   args = p.parse_args(argv)
   if args.child:
     print(json.dumps(_measure(args)))
     return
-  from benchmarks import common as C  # pylint: disable=g-import-not-at-top
   rows, notes = [], []
   for shape in C.csv_list(args.shapes):
     for mode in C.csv_list(args.modes):
@@ -92,12 +79,8 @@ def main(argv=None):
                 f'{r["high_water_mb"]:.0f} MB', flush=True)
       for key, what in (('s_per_step', 'time per step'), ('build_s', 'build time'),
                         ('high_water_mb', 'resident high water')):
-        ratio, lo, hi = C.ratio_interval([r[key] for r in res['per_thread']],
-                                         [r[key] for r in res['one']])
-        ci = f' [{lo:.3f}, {hi:.3f}]' if lo == lo else ''
-        pairs = ', '.join(f'{a[key] / b[key]:.3f}' for a, b in zip(res['per_thread'], res['one']))
-        notes.append(f'- {shape}, compiled {mode}: {what} per_thread / one: {ratio:.3f}{ci} '
-                     f'(pairs: {pairs})')
+        notes.append(C.paired_ratio_note(f'{shape}, compiled {mode}: {what} per_thread / one',
+                                         res['per_thread'], res['one'], key))
       for setting in SETTINGS:
         rs = res[setting]
         rows.append([shape, mode, setting,

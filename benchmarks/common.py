@@ -544,6 +544,47 @@ def child_json(module: str, flags: Sequence[str], what: str) -> Any:
   return json.loads(proc.stdout.splitlines()[-1])
 
 
+def add_fresh_process_args(p, shapes: str, pairs_help: str, out: str) -> None:
+  """The flags of a benchmark that measures each setting in fresh processes, alternating."""
+  p.add_argument('--shapes', default=shapes)
+  p.add_argument('--algorithm', default='maml')
+  p.add_argument('--steps', type=int, default=5, help='inner steps K')
+  p.add_argument('--runs', type=int, default=20, help='steps per process')
+  p.add_argument('--pairs', type=int, default=3, help=pairs_help)
+  p.add_argument('--out', default=out)
+  p.add_argument('--child', action='store_true', help='(internal) measure and print JSON')
+
+
+def fresh_process_flags(args) -> list[str]:
+  """The flags of :func:`add_fresh_process_args` that a child process is passed on."""
+  return [f'--algorithm={args.algorithm}', f'--steps={args.steps}', f'--runs={args.runs}']
+
+
+def runner_like_steps(b: 'Built', runs: int) -> tuple[float, float]:
+  """Runs ``runs`` steps of ``b`` as the runner does (dispatch step s+1, then fetch step
+  s's metrics); returns the seconds per step over all of them and over their last half."""
+  pending, half = None, runs // 2
+  t = time.perf_counter()
+  for i in range(runs):
+    if i == half:
+      t_half = time.perf_counter()
+    b.state, metrics = b.compiled(b.state, b.support, b.query)
+    if pending is not None:
+      jax.device_get(pending)
+    pending = metrics
+  jax.device_get(pending)
+  end = time.perf_counter()
+  return (end - t) / runs, (end - t_half) / (runs - half)
+
+
+def paired_ratio_note(label: str, a: Sequence[dict], b: Sequence[dict], key: str) -> str:
+  """'- label: ratio [CI] (pairs: ...)' of ``key`` between paired fresh-process results."""
+  ratio, lo, hi = ratio_interval([r[key] for r in a], [r[key] for r in b])
+  ci = f' [{lo:.3f}, {hi:.3f}]' if lo == lo else ''
+  pairs = ', '.join(f'{x[key] / y[key]:.3f}' for x, y in zip(a, b))
+  return f'- {label}: {ratio:.3f}{ci} (pairs: {pairs})'
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]

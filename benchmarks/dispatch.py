@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 SETTINGS = ('sync', 'async')
 
@@ -33,20 +32,9 @@ def _measure(args) -> dict:
   b = C.build(args.algorithm, args.shapes, args.steps, verbose=False)
   before_kb = C.resident_kb()
   C.reset_high_water()
-  pending, half = None, args.runs // 2
-  t = time.perf_counter()
-  for i in range(args.runs):
-    if i == half:
-      t_half = time.perf_counter()
-    b.state, metrics = b.compiled(b.state, b.support, b.query)
-    if pending is not None:
-      C.jax.device_get(pending)
-    pending = metrics
-  C.jax.device_get(pending)
-  end = time.perf_counter()
+  s_all, s_last_half = C.runner_like_steps(b, args.runs)
   # The last half apart: by then every slab either setting takes has been faulted in.
-  return dict(s_per_step=(end - t) / args.runs,
-              s_per_step_last_half=(end - t_half) / (args.runs - half),
+  return dict(s_per_step=s_all, s_per_step_last_half=s_last_half,
               rise_mb=(C.high_water_kb() - before_kb) / 1024,
               xla_peak_mb=C.mb(b.memory['peak']), resident_before_mb=before_kb / 1024)
 
@@ -54,25 +42,19 @@ def _measure(args) -> dict:
 def _child(args, shape: str, setting: str) -> dict:
   from benchmarks import common as C  # pylint: disable=g-import-not-at-top
   return C.child_json('dispatch', [f'--shapes={shape}', f'--setting={setting}',
-                                   f'--algorithm={args.algorithm}', f'--steps={args.steps}',
-                                   f'--runs={args.runs}'], f'measurement ({shape}, {setting})')
+                                   *C.fresh_process_flags(args)],
+                      f'measurement ({shape}, {setting})')
 
 
 def main(argv=None):
+  from benchmarks import common as C  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--shapes', default='omniglot,mini')
-  p.add_argument('--algorithm', default='maml')
-  p.add_argument('--steps', type=int, default=5, help='inner steps K')
-  p.add_argument('--runs', type=int, default=20, help='steps per process')
-  p.add_argument('--pairs', type=int, default=3, help='processes per setting, alternating')
-  p.add_argument('--out', default='dispatch')
-  p.add_argument('--child', action='store_true', help='(internal) measure and print JSON')
+  C.add_fresh_process_args(p, 'omniglot,mini', 'processes per setting, alternating', 'dispatch')
   p.add_argument('--setting', choices=SETTINGS, help='(child processes only)')
   args = p.parse_args(argv)
   if args.child:
     print(json.dumps(_measure(args)))
     return
-  from benchmarks import common as C  # pylint: disable=g-import-not-at-top
   rows, notes = [], []
   for shape in C.csv_list(args.shapes):
     res = {s: [] for s in SETTINGS}
@@ -85,12 +67,8 @@ def main(argv=None):
               f'high-water rise {r["rise_mb"]:.0f} MB (XLA peak {r["xla_peak_mb"]:.0f} MB)',
               flush=True)
     for key, what in (('s_per_step', 'all steps'), ('s_per_step_last_half', 'last half')):
-      ratio, lo, hi = C.ratio_interval([r[key] for r in res['sync']],
-                                       [r[key] for r in res['async']])
-      ci = f' [{lo:.3f}, {hi:.3f}]' if lo == lo else ''
-      pairs = ', '.join(f'{a[key] / b[key]:.3f}' for a, b in zip(res['sync'], res['async']))
-      notes.append(f'- {shape}: time sync / async over {what}, per pair: {ratio:.3f}{ci} '
-                   f'({pairs})')
+      notes.append(C.paired_ratio_note(f'{shape}: time sync / async over {what}',
+                                       res['sync'], res['async'], key))
     for setting in SETTINGS:
       rs = res[setting]
       rise = [r['rise_mb'] for r in rs]
