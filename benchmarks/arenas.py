@@ -35,8 +35,7 @@ def _measure(args) -> dict:
   """In this (fresh) process: build (compile here or load) and run ``args.runs`` steps."""
   from benchmarks import common as C  # pylint: disable=g-import-not-at-top
   C.setup(no_cache=args.mode == 'here', arenas=args.setting)
-  from mirrormeta import runtime  # pylint: disable=g-import-not-at-top
-  assert runtime.applied_arenas() == args.setting, runtime.applied_arenas()
+  assert C.runtime.applied_arenas() == args.setting, C.runtime.applied_arenas()
   t = time.perf_counter()
   b = C.build(args.algorithm, args.shapes, args.steps, verbose=False)
   build_s = time.perf_counter() - t

@@ -16,7 +16,7 @@ from mirrormeta.errors import MirrormetaError
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 _applied: bool | None = None
-_arenas: list[str | None] = [None]
+_arenas: str | None = None  # what retain_freed_memory applied
 
 
 ARENAS = ('auto', 'one', 'per_thread')
@@ -62,7 +62,7 @@ def retain_freed_memory(arenas: str = 'auto') -> bool:
     True if applied (Linux with glibc; the first call's setting holds), False where there
     is no glibc malloc.
   """
-  global _applied
+  global _applied, _arenas
   if arenas not in ARENAS:
     raise MirrormetaError(f'retain_freed_memory arenas must be one of {ARENAS}, got {arenas!r}')
   if _applied is not None:
@@ -81,23 +81,13 @@ def retain_freed_memory(arenas: str = 'auto') -> bool:
     except OSError:
       pass
   if _applied:
-    _arenas[0] = arenas
+    _arenas = arenas
   return _applied
 
 
 def applied_arenas() -> str | None:
   """The arenas :func:`retain_freed_memory` set ('one', 'per_thread'), or None."""
-  return _arenas[0]
-  _applied = False
-  if sys.platform.startswith('linux'):
-    try:
-      libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-      if hasattr(libc, 'gnu_get_libc_version') and hasattr(libc, 'mallopt'):
-        _applied = all(libc.mallopt(p, v) == 1 for p, v in
-                       ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1)))
-    except OSError:
-      pass
-  return _applied
+  return _arenas
 
 
 LOW_MEMORY_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
