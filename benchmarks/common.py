@@ -50,7 +50,7 @@ import optax
 
 import mirrormeta as mm
 from benchmarks.torch_reference import available_cores  # torch-free: shared with its workers
-from mirrormeta import algorithms, models, runtime
+from mirrormeta import algorithms, models, parallel, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'
@@ -82,18 +82,25 @@ _SETUP: dict[str, Any] = {}  # setup()'s arguments, for build_all's compiling pr
 
 def setup(no_cache: bool = False, default_malloc: bool = False,
           low_memory_schedule: bool = False, threaded_convolutions: bool = False,
-          synchronous_dispatch: bool = True, arenas: str = 'auto') -> None:
+          synchronous_dispatch: bool = True, arenas: str = 'auto',
+          cpu_devices: int = 1) -> None:
   """What every benchmark does first: the persistent compilation cache, glibc malloc
   retention (``mirrormeta.runtime.retain_freed_memory``) and synchronous CPU dispatch
   (``mirrormeta.runtime.synchronous_dispatch``) as the runner has them; optionally
   XLA:CPU's memory-ordered scheduler (``mirrormeta.runtime.low_memory_schedule``) or its
   own convolutions (``mirrormeta.runtime.threaded_convolutions``), the runner's config
   fields of the same names, which must be set before JAX starts. ``arenas``: malloc's
-  arenas under retention (``runtime.retain_freed_memory``; ``benchmarks.arenas``)."""
+  arenas under retention (``runtime.retain_freed_memory``; ``benchmarks.arenas``).
+  ``cpu_devices``: XLA:CPU devices the host is split into (``runtime.cpu_devices``, the
+  runner's field of that name); with more than one, :func:`build` splits each step's
+  tasks over them as the runner does."""
   _SETUP.update(no_cache=no_cache, default_malloc=default_malloc,
                 low_memory_schedule=low_memory_schedule,
                 threaded_convolutions=threaded_convolutions,
-                synchronous_dispatch=synchronous_dispatch, arenas=arenas)
+                synchronous_dispatch=synchronous_dispatch, arenas=arenas,
+                cpu_devices=cpu_devices)
+  if cpu_devices > 1:
+    runtime.cpu_devices(cpu_devices)
   if low_memory_schedule:
     runtime.low_memory_schedule()
   if threaded_convolutions:
@@ -128,14 +135,16 @@ def strategy_key(s: mm.Strategy) -> tuple:
   return (s.tasks, type(s.unroll).__name__, s.unroll, s.remat, s.map_remat)
 
 
-def memory_bytes(compiled) -> dict[str, int]:
-  """XLA's memory accounting of a compiled executable; 'peak' = arg + out + temp − alias."""
+def memory_bytes(compiled, devices: int = 1) -> dict[str, int]:
+  """XLA's memory accounting of a compiled executable; 'peak' = arg + out + temp − alias.
+  A program split over ``devices`` reports one device's share: scaled to all of them."""
   m = compiled.memory_analysis()
   if m is None:
     return {}
   out = dict(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
              temp=int(m.temp_size_in_bytes), alias=int(m.alias_size_in_bytes),
              code=int(m.generated_code_size_in_bytes))
+  out = {k: v * devices for k, v in out.items()}
   out['peak'] = out['argument'] + out['output'] + out['temp'] - out['alias']
   return out
 
@@ -198,11 +207,18 @@ def make_step(algorithm: str, shape: Shape, steps: int, strategy: mm.Strategy | 
   meta = mm.make_meta_step(alg.conjugate.apply, models.classification_loss(model.apply),
                            optax.adam(META_LR), steps=steps, lr=inner_lr,
                            first_order=alg.first_order,
-                           strategy=strategy or mm.default_strategy())
+                           strategy=strategy or mm.default_strategy(),
+                           **({'axis_name': parallel.TASK_AXIS} if devices() > 1 else {}))
   k_model, k_conj = jax.random.split(jax.random.key(0))
   params = jax.jit(model.init)(k_model)
   theta = mm.MetaParams(z=params, h=jax.jit(alg.conjugate.init)(k_conj, params))
   return meta, theta, support, query, alg.first_order
+
+
+def devices() -> int:
+  """The devices a step's tasks are split over: the CPU devices of :func:`setup` (the
+  runner's ``cpu_devices``), else 1."""
+  return len(jax.devices()) if jax.default_backend() == 'cpu' else 1
 
 
 _BUILT: dict[tuple, Built] = {}
@@ -285,17 +301,24 @@ def build(algorithm: str, shape: Shape | str, steps: int, strategy: mm.Strategy 
                                               conv=conv, layout=layout,
                                               block_major=block_major, native=native)
   state = jax.jit(meta.init)(theta)
+  n = devices()
+  step = jax.jit(meta.step, donate_argnums=0)
+  if n > 1:  # as the runner's make_runner: tasks split over a mesh, state replicated
+    mesh = parallel.task_mesh(n)
+    step = parallel.shard_step(meta, mesh)
+    state = parallel.replicate(state, mesh)
+    support, query = parallel.global_batch(mesh, support, query)
   before = _mappings()
   _check_mappings(f'{algorithm} {shape.name} K={steps}', before)
   t, hits = time.perf_counter(), _cache_hits[0]
-  compiled = jax.jit(meta.step, donate_argnums=0).lower(state, support, query).compile()
+  compiled = step.lower(state, support, query).compile()
   here_s = time.perf_counter() - t
   if before is not None:
     _MAPPINGS_PER_PROGRAM[0] = max(_MAPPINGS_PER_PROGRAM[0], _mappings()[0] - before[0])
   loaded = _cache_hits[0] > hits
   compile_s = compiled_elsewhere_s if loaded and compiled_elsewhere_s is not None else here_s
   b = Built(algorithm, shape, steps, strategy, fo, compiled, state, support, query,
-            compile_s, memory_bytes(compiled), flop_count(compiled), loaded)
+            compile_s, memory_bytes(compiled, n), n * flop_count(compiled), loaded)
   if compiled_elsewhere_s is not None and not loaded:
     print(f'  {b.label}: compiled in another process but not found in the compilation cache '
           f'(compiled here again, {here_s:.1f} s)', flush=True)

@@ -19,12 +19,19 @@ the noise. Configs:
   smoke  experiments/configs/smoke.py: MAML, Conv4-16, K=1, 5-way 1-shot 5 query.
   conv4  experiments/configs/omniglot_5w1s.py with MAML: Conv4-64, K=5, 15 query (the
          DESIGN.md §3 reference step, there with 4 tasks).
+  conv4_metamida  the same with MetaMiDA.
 
 The meta-batch is ``--meta_batch`` tasks for every device count (default 8: it must split
 over the devices; 1 task per device on 8), so both columns do the same work. Fake devices
 share the machine's cores (XLA:CPU runs each device's program on the same thread pool), so
 no speed-up is expected: the ratio measures what sharding costs (the collective, per-device
-dispatch, smaller per-device programs). Results: ``benchmarks/results/devices_cpu.md``.
+dispatch, smaller per-device programs), and what it saves: in one program XLA:CPU's
+executor makes each task's operations wait for the other tasks' buffers
+(``mirrormeta.runtime.cpu_devices``; the runner's ``cpu_devices``). Each child sets the
+runner's process settings (``runtime.synchronous_dispatch``, ``retain_freed_memory``), so
+the first round compiles each step in the process, as a first run of the runner does, and
+later rounds load it, as reruns do: read the ratio per round. Results:
+``benchmarks/results/devices_cpu.md``.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ RESULTS = REPO / 'benchmarks' / 'results'
 CONFIGS = {
     'smoke': ('smoke', {}),
     'conv4': ('omniglot_5w1s', {'algorithm': 'maml', 'inner_steps': 5}),
+    'conv4_metamida': ('omniglot_5w1s', {'algorithm': 'metamida', 'inner_steps': 5}),
 }
 
 
@@ -61,7 +69,9 @@ def _config(name: str, meta_batch: int, devices: int, data_dir: str | None):
 def child(args) -> dict:
   """Times one (config, device count) in this process; returns the figures."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mirrormeta import train  # pylint: disable=g-import-not-at-top
+  from mirrormeta import runtime, train  # pylint: disable=g-import-not-at-top
+  runtime.synchronous_dispatch()  # as experiments.run does, before the backend starts
+  runtime.retain_freed_memory()
 
   if args.cache_dir:
     jax.config.update('jax_compilation_cache_dir', args.cache_dir)
@@ -96,7 +106,7 @@ def child(args) -> dict:
   return {'config': args.config, 'devices': len(jax.devices()), 'mesh': exp.num_devices,
           'tasks': config.meta_batch, 'first_call_s': first, 'median_s': statistics.median(times),
           'best_s': min(times), 'iteration_s': statistics.median(iters),
-          'load': round(os.getloadavg()[0], 2)}
+          'load': round(os.getloadavg()[0], 2), 'arenas': runtime.applied_arenas()}
 
 
 def run_child(config: str, devices: int, args, cache_dir: str) -> dict:
@@ -123,6 +133,7 @@ def main(argv=None):
   p.add_argument('--rounds', type=int, default=2)
   p.add_argument('--data_dir', default=None, help='Omniglot folder (default: the config\'s)')
   p.add_argument('--no_save', action='store_true')
+  p.add_argument('--out', default='devices', help='results file stem (<out>_cpu.md)')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--config', help=argparse.SUPPRESS)
   p.add_argument('--cache_dir', help=argparse.SUPPRESS)
@@ -165,7 +176,7 @@ def main(argv=None):
   print(table)
   if not args.no_save:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / 'devices_cpu.md'
+    path = RESULTS / f'{args.out}_cpu.md'
     path.write_text(f'# Meta-step time vs fake CPU devices\n\n`python -m benchmarks.devices '
                     f'{" ".join(argv if argv is not None else sys.argv[1:])}` on '
                     f'{os.cpu_count()} CPU cores ({time.strftime("%Y-%m-%d")}).\n\n'

@@ -105,7 +105,8 @@ def report_shape(shape, algorithms, ks, built, times, torch_times, torch_rss, to
   ref_key = ('maml', 5) if ('maml', 5) in built else None
   lines = [f'### {shape.name}-shaped: {shape.image} Conv4-{shape.filters}, {C.N_WAY}-way '
            f'{C.SHOT}-shot, {C.QUERY} query, {C.TASKS} tasks, second order, '
-           f'strategy [{C.strategy_label(next(iter(built.values())).strategy)}]', '']
+           f'strategy [{C.strategy_label(next(iter(built.values())).strategy)}]'
+           + (f', tasks split over {C.devices()} CPU devices' if C.devices() > 1 else ''), '']
   ref_t = C.median(times[ref_key]) if ref_key else None
   ref_m = built[ref_key].memory['peak'] if ref_key else None
   # Time relative to MAML K=5: the median of the per-round ratios, used by both tables.
@@ -273,6 +274,9 @@ def main(argv=None):
                       'against them (default: on a GPU)')
   C.add_deadline_flag(p)
   C.add_compile_workers_flag(p)
+  p.add_argument('--cpu_devices', type=int, default=1,
+                 help='XLA:CPU devices to split the host and each step\'s tasks into (the '
+                      'runner\'s cpu_devices; memory and FLOPs are summed over them)')
   p.add_argument('--out', default='table5')
   args = p.parse_args(argv)
   args.deadline = C.deadline_after(args.deadline_s)
@@ -282,7 +286,7 @@ def main(argv=None):
     p.error(f'--torch_algorithms: the PyTorch reference has maml and metamida, got '
             f'{",".join(args.torch_algorithms)}')
   C.setup(args.no_cache, args.default_malloc, args.low_memory_schedule,
-          args.threaded_convolutions)
+          args.threaded_convolutions, cpu_devices=args.cpu_devices)
   if args.torch_device is None:
     args.torch_device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
   env = C.environment()

@@ -147,7 +147,10 @@ def main(argv):
   from mirrormeta import MirrormetaError, parallel, runtime, train  # pylint: disable=g-import-not-at-top
   try:
     config = load_config()
-    # All three before anything below starts the JAX backend.
+    # All of these before anything below starts the JAX backend; a device count already
+    # given (XLA_FLAGS, JAX_NUM_CPU_DEVICES) is kept.
+    if runtime.explicit_cpu_devices() is None and train.cpu_devices(config) > 1:
+      runtime.cpu_devices(train.cpu_devices(config))
     if config.get('low_memory_schedule', False):
       runtime.low_memory_schedule()
     if config.get('threaded_convolutions', False):

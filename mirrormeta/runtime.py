@@ -38,25 +38,29 @@ def retain_freed_memory(arenas: str = 'auto') -> bool:
 
   Arenas: a slab over 64 MB fits only glibc's main arena (other arenas' heaps are 64 MB
   at most, and there glibc falls back to ``mmap`` whatever ``M_MMAP_MAX`` says), so the
-  thread that allocates it must use the main arena. Under :func:`synchronous_dispatch`
-  that is the caller's (the main) thread, and every other thread keeps its own arena
-  ('per_thread', glibc's default), which matters: YNNPACK's convolutions malloc scratch
-  tiles on the worker threads thousands of times a step, and in one shared arena that a
-  compile has fragmented (XLA's compiler runs in the process) malloc's search took a fifth
-  of the step's CPU time (perf). A first run of the runner compiles its step in the
-  process: Conv4 MAML K=5 steps compiled there took 0.725x the time with an arena per
+  thread that allocates it must use the main arena. Under :func:`synchronous_dispatch` on
+  one CPU device that is the caller's (the main) thread, and every other thread keeps its
+  own arena ('per_thread', glibc's default), which matters: YNNPACK's convolutions malloc
+  scratch tiles on the worker threads thousands of times a step, and in one shared arena
+  that a compile has fragmented (XLA's compiler runs in the process) malloc's search took
+  a fifth of the step's CPU time (perf). A first run of the runner compiles its step in
+  the process: Conv4 MAML K=5 steps compiled there took 0.725x the time with an arena per
   thread (Omniglot shape, 0.324 vs 0.440 s/step; miniImageNet shape 0.880x) and compiled
   in 0.73x the time; loaded from the compilation cache, 1.00x either way
-  (``python -m benchmarks.arenas``). With JAX's asynchronous dispatch a worker thread
-  allocates the slab, so 'auto' keeps one arena for every thread ('one'). Cost: resident
-  memory stays at its high-water mark, which a training process reaches anyway; the
-  threads' arenas add 0.3-0.5 GB to it (1.16-1.25x on those steps). Other allocators
-  (tcmalloc, jemalloc via ``LD_PRELOAD``) cache freed memory themselves; this is then a
-  harmless no-op.
+  (``python -m benchmarks.arenas``). With JAX's asynchronous dispatch, or several CPU
+  devices (:func:`cpu_devices`; JAX dispatches their programs asynchronously), a worker
+  thread allocates the slab, so 'auto' keeps one arena for every thread ('one'). (Letting
+  XLA split the slab into blocks a thread's arena holds, ``--xla_multiheap_size_constraint
+  _per_heap``, fixed both, but XLA:CPU cannot serialize such an executable: the
+  compilation cache would not keep it.) Cost: resident memory stays at its high-water
+  mark, which a training process reaches anyway; the threads' arenas add 0.3-0.5 GB to it
+  (1.16-1.25x on those steps). Other allocators (tcmalloc, jemalloc via ``LD_PRELOAD``)
+  cache freed memory themselves; this is then a harmless no-op.
 
   Args:
-    arenas: 'auto' (call it after :func:`synchronous_dispatch`, if at all): 'per_thread'
-      under synchronous dispatch, else 'one'; or either of those.
+    arenas: 'auto' (call it after :func:`synchronous_dispatch` and :func:`cpu_devices`, if
+      at all): 'per_thread' under synchronous dispatch on one CPU device, else 'one'; or
+      either of those.
 
   Returns:
     True if applied (Linux with glibc; the first call's setting holds), False where there
@@ -68,8 +72,7 @@ def retain_freed_memory(arenas: str = 'auto') -> bool:
   if _applied is not None:
     return _applied
   if arenas == 'auto':
-    import jax  # pylint: disable=g-import-not-at-top
-    arenas = 'one' if jax.config.read('jax_cpu_enable_async_dispatch') else 'per_thread'
+    arenas = 'one' if _temporaries_on_worker_threads() else 'per_thread'
   _applied = False
   options = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)] + (
       [(_M_ARENA_MAX, 1)] if arenas == 'one' else [])
@@ -88,6 +91,69 @@ def retain_freed_memory(arenas: str = 'auto') -> bool:
 def applied_arenas() -> str | None:
   """The arenas :func:`retain_freed_memory` set ('one', 'per_thread'), or None."""
   return _arenas
+
+
+def _temporaries_on_worker_threads() -> bool:
+  """Whether XLA:CPU's executions allocate their temporaries on worker threads: under
+  asynchronous dispatch, or when several CPU devices run a program's shards."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return bool(jax.config.read('jax_cpu_enable_async_dispatch')) or configured_cpu_devices() > 1
+
+
+def configured_cpu_devices() -> int:
+  """The CPU devices JAX's CPU backend has or will start with (``jax_num_cpu_devices``, else
+  ``--xla_force_host_platform_device_count``, else 1)."""
+  return explicit_cpu_devices() or 1
+
+
+def explicit_cpu_devices() -> int | None:
+  """The CPU device count this process was given (:func:`cpu_devices`,
+  ``jax_num_cpu_devices`` or ``XLA_FLAGS=--xla_force_host_platform_device_count``), or None."""
+  import jax  # pylint: disable=g-import-not-at-top
+  n = jax.config.jax_num_cpu_devices
+  if n is not None and n > 0:
+    return n
+  for flag in os.environ.get('XLA_FLAGS', '').split():
+    if flag.startswith('--xla_force_host_platform_device_count='):
+      return int(flag.split('=', 1)[1])
+  return None
+
+
+def cpu_devices(n: int) -> None:
+  """Splits the host into ``n`` XLA:CPU devices, so that a meta-batch split over them
+  (``mirrormeta.parallel``, the runner's ``cpu_devices``) runs as ``n`` programs at once.
+
+  Why: XLA:CPU's executor runs a program's operations as their buffers allow, and its
+  buffer assignment reuses the memory of dead temporaries, so an operation also waits for
+  every earlier reader of the memory it writes. In the unrolled task loop these false
+  dependencies chained the tasks' query-set convolutions one after another while the other
+  core idled (MetaMiDA's Conv4 K=5 step: 147 ms of dependent work instead of 67 ms of true
+  dependencies; a simulation of the executor on the measured operation times gave 348 ms
+  with them and 261 ms without, against 321 ms measured). A device's program has buffers
+  of its own, so two devices' tasks never wait for each other's memory, and each program
+  is half the size (half the compile time). Figures: README, Performance.
+
+  A setting of JAX's CPU client, read when the backend starts: call it before the first
+  JAX computation (and before :func:`retain_freed_memory`). No effect on GPU/TPU devices.
+
+  Raises:
+    MirrormetaError: ``n`` is not a positive integer, or JAX's backends have started.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    raise MirrormetaError(f'cpu_devices needs an integer >= 1, got {n!r}')
+  if configured_cpu_devices() == n:
+    return
+  _refuse_after_start('cpu_devices')
+  jax.config.update('jax_num_cpu_devices', n)
+
+
+def _backends_started() -> bool:
+  try:  # No public API tells whether the backends started; without it, assume not.
+    from jax._src.xla_bridge import backends_are_initialized  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return backends_are_initialized()
 
 
 LOW_MEMORY_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
@@ -173,11 +239,7 @@ def synchronous_dispatch() -> None:
 def _refuse_after_start(caller: str, env: str = '') -> None:
   """Raises if JAX's backends have started: XLA reads its flags, and JAX its client
   settings, once, when the backend starts."""
-  try:  # No public API tells whether the backends started; without it, skip the check.
-    from jax._src.xla_bridge import backends_are_initialized  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    backends_are_initialized = lambda: False
-  if backends_are_initialized():
+  if _backends_started():
     raise MirrormetaError(f'{caller}() must be called before the first JAX computation (it '
                           'applies when the backend starts): call it first' +
                           (f', or set {env} before starting Python' if env else ''))

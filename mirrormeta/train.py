@@ -80,6 +80,8 @@ def check_config(config) -> None:
   for field in ('inner_steps', 'num_steps', 'eval_batch', 'num_devices'):
     if c[field] < 0:
       _fail(field, c[field], 'must be >= 0')
+  if c.get('cpu_devices', 1) < 1:
+    _fail('cpu_devices', c.cpu_devices, 'must be >= 1 (XLA:CPU devices the host is split into)')
   if c.eval_inner_steps is not None and c.eval_inner_steps < 0:
     _fail('eval_inner_steps', c.eval_inner_steps, 'must be >= 0 (or None: inner_steps)')
   if not (c.inner_lr > 0 and math.isfinite(c.inner_lr)):
@@ -298,6 +300,12 @@ class Experiment:
     return self.meta.init(theta)
 
 
+def cpu_devices(config) -> int:
+  """The XLA:CPU devices a run splits the host into (config.cpu_devices; runs stored
+  before the field existed: 1)."""
+  return config.get('cpu_devices', 1)
+
+
 def build_experiment(config, splits=('train', 'val', 'test')) -> Experiment:
   """Checks the config, loads the data of ``splits`` and builds everything else.
 
@@ -319,6 +327,8 @@ def build_experiment(config, splits=('train', 'val', 'test')) -> Experiment:
   optimizer, schedule = make_optimizer(config.optimizer)
   strategy = make_strategy(config)
   num_devices = config.num_devices or len(jax.devices())
+  if config.num_devices == 1 and jax.default_backend() == 'cpu':  # the host, maybe split
+    num_devices = min(cpu_devices(config), len(jax.devices()))
   sharded = num_devices > 1 or jax.process_count() > 1
   meta = mm.make_meta_step(alg.conjugate.apply, loss_fn, optimizer, steps=config.inner_steps,
                            lr=config.inner_lr, first_order=alg.first_order, strategy=strategy,

@@ -119,6 +119,7 @@ def test_bad_command_lines():
     ('dataset', 'imagenet', r"config.dataset='imagenet' is unknown"),
     ('model', 'mlp', r"config.model='mlp' does not fit the data"),
     ('meta_batch', 0, r'config.meta_batch=0 must be >= 1'),
+    ('cpu_devices', 0, r'config.cpu_devices=0 must be >= 1 \(XLA:CPU devices'),
     ('image_size', 8, r'config.image_size=8 must be >= 16'),
     ('eval_checkpoint', 'final', r"config.eval_checkpoint='final' must be 'best' or 'latest'"),
     ('optimizer.name', 'rmsprop', r"config.optimizer.name='rmsprop' is unknown"),

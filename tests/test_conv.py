@@ -183,13 +183,13 @@ def test_retain_freed_memory_applies_once():
   assert isinstance(first, bool)
 
 
-def _child_output_without_and_with(code: str) -> dict[str, list[str]]:
-  """Runs ``code`` in fresh CPU processes with argv[1] '0' and '1' (no inherited XLA_FLAGS);
-  returns each one's stdout words."""
+def _child_output_without_and_with(code: str, args=('0', '1')) -> dict[str, list[str]]:
+  """Runs ``code`` in fresh CPU processes with argv[1] '0' and '1' (or ``args``; no inherited
+  XLA_FLAGS); returns each one's stdout words."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['JAX_PLATFORMS'] = 'cpu'
   out = {}
-  for arg in ('0', '1'):
+  for arg in args:
     proc = subprocess.run([sys.executable, '-c', code, arg], env=env,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -222,12 +222,15 @@ def test_retain_freed_memory_reuses_pages_of_a_freed_slab_over_2gb():
 
 
 # Retains freed memory in a fresh process, asynchronous (argv[1] '0', JAX's default) or
-# synchronous ('1') dispatch, and prints the arenas chosen and whether a new thread's 1 MB
-# block lies in the main arena (below the program break; other arenas are mmap'd heaps).
+# synchronous ('1') dispatch, or synchronous on 2 CPU devices ('2'), and prints the arenas
+# chosen and whether a new thread's 1 MB block lies in the main arena (below the program
+# break; other arenas are mmap'd heaps).
 _ARENA_CHILD = """import ctypes, sys, threading
 from mirrormeta import runtime
-if sys.argv[1] == '1':
+if sys.argv[1] in '12':
   runtime.synchronous_dispatch()
+if sys.argv[1] == '2':
+  runtime.cpu_devices(2)
 assert runtime.retain_freed_memory()
 libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
@@ -237,19 +240,35 @@ def worker():
   out['ptr'] = libc.malloc(1 << 20)
   out['brk'] = libc.sbrk(0)
 t = threading.Thread(target=worker); t.start(); t.join()
-print(runtime.applied_arenas(), out['ptr'] <= out['brk'])
+import jax
+print(runtime.applied_arenas(), out['ptr'] <= out['brk'], len(jax.devices()))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc only')
 def test_retain_freed_memory_gives_threads_their_own_arenas_under_synchronous_dispatch():
-  out = _child_output_without_and_with(_ARENA_CHILD)
-  # Asynchronous, a worker thread allocates the step's slab, so all share the main arena;
-  # inline, the worker threads keep their own (benchmarks.arenas: a step compiled in the
-  # process ran 1.4x slower in one arena).
-  assert out['0'] == ['one', 'True'] and out['1'] == ['per_thread', 'False'], out
+  out = _child_output_without_and_with(_ARENA_CHILD, args=('0', '1', '2'))
+  # Asynchronous, or with several CPU devices (whose programs JAX dispatches
+  # asynchronously), a worker thread allocates the step's slab, so all share the main
+  # arena; inline on one device, the worker threads keep their own (benchmarks.arenas: a
+  # step compiled in the process ran 1.4x slower in one arena).
+  assert out['0'] == ['one', 'True', '1'] and out['1'] == ['per_thread', 'False', '1'], out
+  assert out['2'] == ['one', 'True', '2'], out
   with pytest.raises(MirrormetaError, match='arenas must be one of'):
     runtime.retain_freed_memory('two')
+
+
+@pytest.mark.parametrize('bad', [0, -1, 1.5, True, '2'])
+def test_cpu_devices_refuses_bad_counts(bad):
+  with pytest.raises(MirrormetaError, match='cpu_devices needs an integer >= 1'):
+    runtime.cpu_devices(bad)
+
+
+def test_cpu_devices_refuses_after_the_backend_started():
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()
+  with pytest.raises(MirrormetaError, match='before the first JAX computation'):
+    runtime.cpu_devices(runtime.configured_cpu_devices() + 1)
 
 
 # Compiles a small MLP meta-step (4 tasks of 500 points, loop tasks, K=3) in a fresh

@@ -82,14 +82,17 @@ def free_port():
 
 def run_cli(args, devices=1, processes=1, timeout=600):
   """``python -m experiments.run ARGS`` in ``processes`` processes of ``devices`` fake CPU
-  devices each, connected over loopback by the multi-host flags (config.distributed).
+  devices each (None: as many as the runner makes), connected over loopback by the
+  multi-host flags (config.distributed).
 
   Returns each process's output. A process that fails stops the others (a lone process
   would wait minutes for its peers).
   """
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(REPO / '.jax_cache'),
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  args = list(args) + (['--config.num_devices=0'] if devices > 1 or processes > 1 else [])
+  if devices is None:  # the runner splits the host itself (config.cpu_devices)
+    env.pop('XLA_FLAGS')
+  args = list(args) + (['--config.num_devices=0'] if (devices or 1) > 1 or processes > 1 else [])
   cmds = [args]
   if processes > 1:
     address = f'127.0.0.1:{free_port()}'
@@ -205,4 +208,14 @@ def test_one_device_checkpoint_resumes_on_eight_devices(smoke_one_device, omnigl
   assert f'resuming {workdir} from step {half}' in outputs[0]
   results = json.loads((workdir / 'results.json').read_text())
   assert results['devices'] == 8 and results['train']['resumed_from'] == half
+  assert_same_training(workdir, smoke_one_device)
+
+
+def test_cpu_devices_splits_the_host_and_trains_like_one_device(smoke_one_device, omniglot_dir,
+                                                                tmp_path):
+  """config.cpu_devices=2: the runner splits the host into 2 XLA:CPU devices itself (no
+  XLA_FLAGS) and the meta-batch over them, with the default num_devices=1."""
+  workdir = tmp_path / 'run'
+  run_cli(smoke_args(omniglot_dir, workdir) + ['--config.cpu_devices=2'], devices=None)
+  assert json.loads((workdir / 'results.json').read_text())['devices'] == 2
   assert_same_training(workdir, smoke_one_device)
