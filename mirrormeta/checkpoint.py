@@ -35,7 +35,7 @@ FREE_FIELDS = frozenset({
     'val_tasks', 'val_curve', 'test_tasks', 'eval_batch', 'eval_checkpoint', 'eval_every',
     'log_every', 'checkpoint_every', 'keep_checkpoints', 'strategy', 'num_devices',
     'distributed', 'progress', 'retain_freed_memory', 'low_memory_schedule',
-    'threaded_convolutions', 'synchronous_dispatch',
+    'threaded_convolutions', 'synchronous_dispatch', 'compile_ahead',
 })
 
 

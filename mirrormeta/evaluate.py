@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,6 +89,23 @@ def evaluate(eval_fn: Callable, theta: PyTree, draw: Callable, key: jax.Array,
     outs.append(eval_fn(theta, support, query))  # async: fetched together below
   outs = jax.device_get(outs)
   return {k: np.concatenate([o[k] for o in outs])[:num_tasks] for k in outs[0]}
+
+
+def read_scalars(workdir: str | os.PathLike) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of a run's TensorBoard scalars (``workdir/tensorboard``), read
+  from its TFRecord event files without TensorFlow; later files win for a repeated step."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted((Path(workdir) / 'tensorboard').glob('events.out.tfevents.*')):
+    raw = path.read_bytes()
+    i = 0
+    while i < len(raw):  # records: length (8 bytes), its CRC (4), data, the data's CRC (4)
+      (n,) = struct.unpack('<Q', raw[i:i + 8])
+      event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = v.simple_value
+  return out
 
 
 def ci95(x: np.ndarray, axis: int = 0) -> np.ndarray:

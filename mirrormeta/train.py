@@ -13,6 +13,7 @@ with the same parameters as one never stopped (bit for bit on CPU).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -26,8 +27,8 @@ import numpy as np
 import optax
 
 import mirrormeta as mm
-from mirrormeta import (algorithms, checkpoint, core, data, evaluate, models, native,
-                        parallel)
+from mirrormeta import (ahead, algorithms, checkpoint, core, data, evaluate, models, native,
+                        parallel, runtime)
 from mirrormeta.errors import MirrormetaError
 
 PyTree = Any
@@ -368,7 +369,7 @@ def make_runner(exp: Experiment) -> Runner:
   split over a 'tasks' mesh (mirrormeta.parallel), gradients averaged, state replicated."""
   batch = exp.config.meta_batch
   if exp.meta.axis_name is None:
-    return Runner(jax.jit(exp.meta.step, donate_argnums=0), lambda s: s,
+    return Runner(jax.jit(exp.meta.step, donate_argnums=0), _on_first_device,
                   lambda support, query: (support, query), range(batch))
   mesh = parallel.task_mesh(exp.num_devices)
   parallel.check_batch(batch, mesh)
@@ -377,11 +378,65 @@ def make_runner(exp: Experiment) -> Runner:
                 parallel.process_task_slice(batch))
 
 
+PROGRAM_SPLITS = {'step': 'train', 'val': 'val', 'test': 'test'}  # the data each one needs
+
+
+def lowered_programs(exp: Experiment, runner: Runner, state: mm.TrainState,
+                     names=tuple(PROGRAM_SPLITS)) -> dict:
+  """The run's large programs (the meta-step, validation's and the test's), lowered for
+  the arguments the run gives them, for those of ``names`` whose split ``exp`` loaded."""
+  keys, out = exp.keys(), {}
+  if 'step' in names and 'train' in exp.draw:
+    tasks = runner.tasks
+    support, query = exp.draw['train'](jax.random.fold_in(keys['train'], 0), tasks.start,
+                                       len(tasks))
+    out['step'] = runner.step.lower(state, *runner.place_batch(support, query))
+  theta = _local(state.params)
+  for name, fn in (('val', exp.val_fn), ('test', exp.eval_fn)):
+    split = PROGRAM_SPLITS[name]
+    if name in names and split in exp.draw:
+      out[name] = fn.lower(theta, *exp.draw[split](keys[split], 0, exp.eval_batch))
+  return out
+
+
+def _lower_for_config(config, names) -> dict:
+  """lowered_programs of a run of ``config`` just started: what a compiling process of
+  mirrormeta.ahead rebuilds."""
+  exp = build_experiment(config, splits=tuple(dict.fromkeys(PROGRAM_SPLITS[n] for n in names)))
+  runner = make_runner(exp)
+  return lowered_programs(exp, runner, runner.place_state(exp.init_state()), names)
+
+
+def compiles_ahead(config) -> bool:
+  """Whether the run compiles its large programs in fresh processes (mirrormeta.ahead): on
+  CPU, in a single-process run, with the persistent cache on, if config.compile_ahead is
+  True, or None (its default) and all threads share one malloc arena.
+
+  Why 'one arena' for None: there a compile in the run slowed every later step (MetaMiDA,
+  omniglot_5w1s, cpu_devices=2, first runs: 2.01 steps/s compiled in the run, 3.14
+  compiled ahead; 248 vs 184 s for 300 steps). With an arena per thread (one CPU device)
+  the steps ran alike (2.84 vs 2.86 steps/s), and loading the three programs back from the
+  cache made the whole command slower (208 vs 234 s): benchmarks/results/first_run*_cpu.md.
+  """
+  wanted = config.get('compile_ahead', None)
+  if wanted is None:
+    wanted = runtime.applied_arenas() == 'one'
+  return (wanted and jax.default_backend() == 'cpu' and jax.process_count() == 1
+          and ahead.cache_dir() is not None)
+
+
+def _on_first_device(tree: PyTree) -> PyTree:
+  """``tree`` committed to this process's first device, as a restored checkpoint's arrays
+  are: committed and uncommitted arguments lower to different programs, so a fresh run, a
+  resumed one and the test would each compile (and cache) a program of their own."""
+  return jax.device_put(tree, jax.local_devices()[0])
+
+
 def _local(tree: PyTree) -> PyTree:
   """A replicated multi-device pytree as one copy on the default device (evaluation runs
-  there); single-device arrays pass through."""
-  return jax.tree.map(lambda x: x if len(x.devices()) == 1 else
-                      jnp.asarray(np.asarray(x.addressable_data(0))), tree)
+  there), committed there (_on_first_device)."""
+  return _on_first_device(jax.tree.map(
+      lambda x: x if len(x.devices()) == 1 else np.asarray(x.addressable_data(0)), tree))
 
 
 @jax.jit
@@ -527,6 +582,9 @@ def train_and_evaluate(config, workdir, *, experiment: Experiment | None = None)
   elif start:
     log.message(f'resuming {workdir} from step {start}')
   keys = exp.keys()
+  if start < c.num_steps and compiles_ahead(c):  # before anything large compiles here
+    ahead.compile_ahead(lowered_programs(exp, runner, state),
+                        functools.partial(_lower_for_config, config), log=log.message)
   bounds = jax.jit(exp.algorithm.conjugate.bounds)
   tasks = runner.tasks
   t0, window, last_log, acc = time.perf_counter(), time.perf_counter(), start, []

@@ -6,11 +6,12 @@ One small compiled Conv4 is shared by every smoke run here (``experiment=``), so
 first run compiles (and the persistent cache of tests/conftest.py makes reruns cheap).
 """
 import dataclasses
+import functools
 import itertools
 import json
+import operator
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import types
@@ -24,7 +25,7 @@ import pytest  # noqa: E402
 
 from experiments.configs import sinusoid as sinusoid_config  # noqa: E402
 from experiments.configs import smoke as smoke_config  # noqa: E402
-from mirrormeta import MirrormetaError, checkpoint, train  # noqa: E402
+from mirrormeta import MirrormetaError, ahead, checkpoint, evaluate, runtime, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6  # checkpoints every 2 steps, validation every 3
@@ -69,22 +70,6 @@ def steps_in(workdir, which):
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
 
 
-def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} from the TFRecord event files (no TensorFlow needed)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  out = {}
-  for path in sorted((Path(workdir) / 'tensorboard').glob('events.out.tfevents.*')):
-    raw = path.read_bytes()
-    i = 0
-    while i < len(raw):
-      (n,) = struct.unpack('<Q', raw[i:i + 8])
-      event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
-      i += 12 + n + 4
-      for v in event.summary.value:
-        out.setdefault(v.tag, {})[event.step] = v.simple_value
-  return out
-
-
 def test_logs_opened_within_one_second_keep_both_event_files(tmp_path):
   """A crash and its resume can open TensorBoard writers in the same second; the resumed
   run must not overwrite the crashed run's scalars (tensorboardX names files by second)."""
@@ -93,7 +78,7 @@ def test_logs_opened_within_one_second_keep_both_event_files(tmp_path):
     log = train._Log(tmp_path, types.SimpleNamespace(config=config), start, True)
     log.scalars(step, {'train/loss': float(step)})
     log.close()
-  assert tensorboard_scalars(tmp_path)['train/loss'] == {2: 2.0, 4: 4.0}
+  assert evaluate.read_scalars(tmp_path)['train/loss'] == {2: 2.0, 4: 4.0}
 
 
 def fail_at(monkeypatch, call, exc=None, poison=False, poison_loss=False):
@@ -148,7 +133,7 @@ def test_smoke_run_writes_everything(trained):
   assert f'**{results["accuracy"]:.2f}% ± {results["accuracy_ci95"]:.2f}%**' in md
   assert md.count('\n| ') == k + 2  # header + one row per step 0..K
 
-  tb = tensorboard_scalars(workdir)
+  tb = evaluate.read_scalars(workdir)
   assert set(tb['train/loss']) == {2, 4, 6} and set(tb['val/accuracy']) == {3, 6}
   for tag in ('train/accuracy', 'train/meta_grad_norm', 'inner/support_loss/step_0',
               'inner/support_loss/step_1', 'inner/grad_norm/step_0', 'optim/meta_lr',
@@ -204,7 +189,8 @@ def test_resume_after_crash_is_exact(smoke, trained, tmp_path, monkeypatch):
   assert results['train']['resumed_from'] == 4
   assert_same_state(restore(exp, workdir), restore(exp, trained[0]))
   assert_same_state(restore(exp, workdir, 'best'), restore(exp, trained[0], 'best'))
-  assert tensorboard_scalars(workdir)['train/loss'] == tensorboard_scalars(trained[0])['train/loss']
+  assert (evaluate.read_scalars(workdir)['train/loss']
+          == evaluate.read_scalars(trained[0])['train/loss'])
 
 
 def test_finished_run_can_be_extended(smoke, trained, tmp_path):
@@ -254,6 +240,58 @@ def test_nonfinite_run_stops_and_keeps_last_good_checkpoint(smoke, tmp_path, mon
   assert not (workdir / 'results.json').exists()
 
 
+# --- compiling ahead ---------------------------------------------------------------------
+
+def test_compile_ahead_compiles_each_program_once_and_the_runs_load_it(omniglot_dir, tmp_path):
+  """config.compile_ahead: a first run compiles its step, validation and test programs in
+  fresh processes into its (empty) cache and loads them; had the run lowered any of them
+  otherwise, it would have compiled and cached a second entry. Resuming the run starts no
+  process and compiles none of them again."""
+  cache = tmp_path / 'cache'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache))
+  args = [sys.executable, '-m', 'experiments.run', '--config=smoke',
+          f'--workdir={tmp_path / "run"}', f'--config.data_dir={omniglot_dir}',
+          '--config.compile_ahead=True', '--config.progress=False', '--config.val_tasks=10',
+          '--config.test_tasks=20']
+
+  def run(steps):
+    proc = subprocess.run(args + [f'--config.num_steps={steps}'], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+  def programs():
+    return sorted(p.name.split('-')[0] for p in cache.glob('jit_*-cache')
+                  if p.name.startswith(('jit_step-', 'jit_fn-')))
+
+  first = run(20)
+  assert 'compiling step, val, test in 2 fresh processes' in first
+  assert 'compiled ' in first and 'ahead failed' not in first
+  assert programs() == ['jit_fn', 'jit_fn', 'jit_step']  # validation's, the test's, the step
+  assert len(list((cache / ahead.MARKERS).iterdir())) == 3
+  second = run(40)
+  assert 'resuming' in second and 'compiling' not in second
+  assert programs() == ['jit_fn', 'jit_fn', 'jit_step']
+
+
+def test_compile_ahead_by_default_only_where_threads_share_one_arena(omniglot_dir):
+  c = small_smoke(omniglot_dir)
+  assert runtime.applied_arenas() == 'per_thread'  # synchronous dispatch, one device
+  for value, expected in ((None, False), (True, True), (False, False)):
+    c.compile_ahead = value
+    assert train.compiles_ahead(c) is expected
+
+
+def test_compile_ahead_leaves_a_program_it_could_not_compile_to_the_caller():
+  lowered = {'tiny': jax.jit(lambda x: x * 3.0 + 1.0).lower(1.0)}
+  lines = []
+  done = ahead.compile_ahead(lowered, functools.partial(operator.getitem, {}), log=lines.append)
+  assert done == {}
+  assert lines[0].startswith('compiling tiny in 1 fresh process ')
+  assert lines[1].startswith('compiling tiny ahead failed (exit status 1: TypeError')
+  assert lines[1].endswith('; it compiles here') and len(lines) == 2
+
+
 # --- MetaMiDA, regression ----------------------------------------------------------------
 
 def test_metamida_sinusoid_end_to_end(tmp_path):
@@ -266,7 +304,7 @@ def test_metamida_sinusoid_end_to_end(tmp_path):
   assert results['mse'] == results['per_step']['loss'][-1] > 0 and 'accuracy' not in results
   assert (tmp_path / 'mse_vs_step.png').is_file()
   assert '| step k | query MSE | ± 95% CI |' in (tmp_path / 'results.md').read_text()
-  tb = tensorboard_scalars(tmp_path)
+  tb = evaluate.read_scalars(tmp_path)
   assert 0 < tb['conjugate/mu'][4] < tb['conjugate/lipschitz'][4] < 100
   assert 'val/mse' in tb and 'train/accuracy' not in tb
 

@@ -72,10 +72,12 @@ Fields (all overridable as ``--config.<field>=<value>``):
     own, so they never wait for another device's tasks' buffers as the tasks of one
     program do, and compiles in about half the time. But JAX dispatches such programs
     asynchronously, so they allocate on worker threads and share one malloc arena, which
-    a compile in the process fragments: MetaMiDA's Omniglot Conv4 K=5 step on 2 devices
-    took 0.26 s loaded from the compilation cache (one device: 0.30-0.31 s) and 0.39 s
-    compiled in the run. Hence 1 by default; 2 pays off for reruns of a compiled config
-    (README, Performance). Evaluation stays on one device. No effect on GPU/TPU runs.
+    a compile in the process fragments; hence compile_ahead. MetaMiDA's Omniglot Conv4
+    K=5 step on 2 devices took 0.26 s loaded from the compilation cache (one device:
+    0.30-0.31 s); the runner's first run of omniglot_5w1s, compiling ahead, 3.14 steps/s
+    (one device: 2.84-2.86). 1 by default (measured on Omniglot's Conv4 only);
+    omniglot_5w1s sets 2 (README, Performance). The meta-batch must split evenly.
+    Evaluation stays on one device. No effect on GPU/TPU runs.
   distributed: multi-process settings (mirrormeta.parallel.maybe_initialize_distributed):
     coordinator_address, num_processes, process_id, auto.
   progress: show a progress bar.
@@ -92,6 +94,14 @@ Fields (all overridable as ``--config.<field>=<value>``):
     Conv4-32 both MAML and MetaMiDA steps are faster (~15% and ~25%) and MetaMiDA no longer
     idles a core; with Conv4-64 there it made no clear difference, and Omniglot-shaped
     steps are 1.1-1.6x slower. Measure before turning it on. No effect on GPU/TPU.
+  compile_ahead: compile the meta-step, validation and test programs in fresh processes,
+    one per core at once, into the persistent compilation cache, and load them in the run
+    (mirrormeta.ahead; CPU, single-process runs with the cache on). A compile leaves the
+    run's malloc heap fragmented; where all threads share one arena (cpu_devices > 1) the
+    steps after it then ran 1.56x slower, and loading does not fragment it. None (default):
+    only there; with an arena per thread the steps ran alike and loading the programs back
+    cost more than it saved (README, Performance). Programs compiled ahead once are not
+    compiled again.
   synchronous_dispatch: run each CPU computation inline (mirrormeta.runtime.
     synchronous_dispatch): with JAX's asynchronous dispatch the next step allocates its
     temporaries before XLA:CPU frees the last step's, and the retained heap holds three
@@ -188,6 +198,7 @@ def get_config(dataset: str = 'miniimagenet') -> ml_collections.ConfigDict:
   c.low_memory_schedule = False
   c.threaded_convolutions = False
   c.synchronous_dispatch = True
+  c.compile_ahead = config_dict.placeholder(bool)
   return c
 
 

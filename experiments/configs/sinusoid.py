@@ -27,4 +27,5 @@ def get_config():
   c.optimizer.decay_every = 0
   c.eval_every = 5000
   c.checkpoint_every = 5000
+  c.compile_ahead = False  # small MLP programs: a compiling process costs more to start
   return c
