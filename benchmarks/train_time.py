@@ -159,7 +159,7 @@ def main(argv=None):
   _, warm_s = part(args.warmup_steps)
   print(f'part 1 (compiles, {args.warmup_steps} steps, one-batch validation and test): '
         f'{warm_s:.1f} s', flush=True)
-  # A first resumption compiles what restoring a checkpoint changes (its arrays' placement).
+  # A first resumption: restoring a checkpoint, once (it compiles nothing new).
   part(2 * args.warmup_steps)
   res_a, _ = part(2 * args.warmup_steps + args.steps)
   print(f'part 2: {args.steps} steps in {res_a["train"]["wall_s"]:.1f} s', flush=True)

@@ -517,6 +517,7 @@ def validate(exp: Experiment, theta: mm.MetaParams, split: str = 'val',
   """
   num_tasks = num_tasks or (exp.config.val_tasks if split == 'val' else exp.config.test_tasks)
   fn = exp.val_fn if split == 'val' else exp.eval_fn
+  theta = _local(theta)  # the run's placement, whatever the caller's: the run's program
   per_task = evaluate.evaluate(fn, theta, exp.draw[split], exp.keys()[split],
                                num_tasks, exp.eval_batch, _progress(exp, split))
   return evaluate.summarize(per_task, exp.metric,
