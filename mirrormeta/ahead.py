@@ -136,10 +136,11 @@ def _compile(settings: dict, lower_for: Callable, name: str, expected: str) -> f
   t = time.perf_counter()
   low.compile()
   seconds = time.perf_counter() - t
-  if seconds >= jax.config.jax_persistent_cache_min_compile_time_secs:  # JAX cached it
-    folder = cache_dir() / MARKERS
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / expected).touch()
+  # Also for a program too quick for JAX to cache: the run compiles it in no time, and
+  # without a marker every rerun would start a process for it.
+  folder = cache_dir() / MARKERS
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / expected).touch()
   return seconds
 
 
