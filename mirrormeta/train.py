@@ -642,7 +642,7 @@ def train_and_evaluate(config, workdir, *, experiment: Experiment | None = None)
       if (save_latest or validate_now) and not bool(_all_finite(state.params)):
         raise _nonfinite(step, 'meta-parameters', ckpts)
       if validate_now:
-        val = validate(exp, _local(state.params))
+        val = validate(exp, state.params)
         value = val[exp.metric]
         if not math.isfinite(value):
           raise _nonfinite(step, f'validation {exp.metric}', ckpts)
@@ -702,7 +702,7 @@ def _test(exp: Experiment, ckpts: checkpoint.Checkpoints, workdir: Path,
     raise MirrormetaError(f'no checkpoint in {workdir}; train there first')
   state = ckpts.restore(which, template)
   t0 = time.perf_counter()
-  summary = validate(exp, _local(state.params), 'test')
+  summary = validate(exp, state.params, 'test')
   results = {
       'name': c.name, 'algorithm': c.algorithm, 'dataset': c.dataset, 'n_way': c.n_way,
       'shot': c.shot, 'metric': exp.metric, 'split': 'test', 'num_tasks': c.test_tasks,
