@@ -129,9 +129,13 @@ def cpu_devices(n: int) -> None:
   dependencies chained the tasks' query-set convolutions one after another while the other
   core idled (MetaMiDA's Conv4 K=5 step: 147 ms of dependent work instead of 67 ms of true
   dependencies; a simulation of the executor on the measured operation times gave 348 ms
-  with them and 261 ms without, against 321 ms measured). A device's program has buffers
-  of its own, so two devices' tasks never wait for each other's memory, and each program
-  is half the size (half the compile time). Figures: README, Performance.
+  with them and 261 ms without, against 321 ms measured). And the executor hands ready
+  operations to another thread only when one holds more than 8, while YNNPACK runs each
+  convolution on one thread: 4 independent query-set convolutions in one program kept
+  1.05 cores busy, split over 2 devices 1.68 (``benchmarks.executor``). A device's
+  program has buffers and a thread of its own, so two devices' tasks never wait for each
+  other, and each program is half the size (half the compile time). Figures: README,
+  Performance.
 
   A setting of JAX's CPU client, read when the backend starts: call it before the first
   JAX computation (and before :func:`retain_freed_memory`). No effect on GPU/TPU devices.
