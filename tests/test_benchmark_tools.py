@@ -205,12 +205,41 @@ def test_benchmarks_reach_setup_before_jax_starts():
   runs = [['table5', ['--shapes=omniglot']], ['memory', []], ['sampler', []],
           ['map_cost', []], ['build_time', []], ['train_time', []], ['strategies', []],
           ['strategies', ['--strategies=vmap:full,loop:1:tied']],
-          ['profile', ['--strategy=loop:full:tied']]]
+          ['profile', ['--strategy=loop:full:tied']], ['executor', []]]
   proc = subprocess.run([sys.executable, '-c', _UNTIL_SETUP, ROOT, json.dumps(runs)],
                         capture_output=True, text=True, check=False, cwd=ROOT,
                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads(proc.stdout.splitlines()[-1]) == [run + [False] for run in runs]
+
+
+_EXECUTOR_CHILD = """import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from mirrormeta import runtime
+runtime.cpu_devices(2)
+from benchmarks import executor
+outs = {k: np.stack(np.asarray(fn(*a))) for k, (fn, a) in executor.programs(4, images=3).items()}
+print(json.dumps({k: v.tolist() for k, v in outs.items()}))
+"""
+
+
+def test_executor_programs_compute_the_same_convolutions():
+  """benchmarks.executor times one, N on one device and N on 2 devices: the same N
+  convolutions (the unit is the first of them), checked against NumPy."""
+  proc = subprocess.run([sys.executable, '-c', _EXECUTOR_CHILD, ROOT], capture_output=True,
+                        text=True, check=False, cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  outs = {k: np.asarray(v) for k, v in json.loads(proc.stdout.splitlines()[-1]).items()}
+  rng = np.random.default_rng(0)  # executor.programs's inputs
+  xs = rng.standard_normal((4, 3, 14, 14, 64), np.float32)
+  ws = 0.05 * rng.standard_normal((4, 3, 3, 64, 64), np.float32)
+  pad = np.pad(xs, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+  want = sum(np.einsum('tbhwi,tio->tbhwo', pad[:, :, i:i + 14, j:j + 14], ws[:, i, j])
+             for i in range(3) for j in range(3))
+  np.testing.assert_allclose(outs['1 conv'], want[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(outs['4 convs, 1 device'], want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(outs['4 convs, 2 devices'], want, rtol=1e-4, atol=1e-4)
 
 
 def test_build_stops_before_passing_the_memory_mapping_limit(monkeypatch):
