@@ -197,8 +197,10 @@ def threaded_convolutions() -> None:
   1.12-1.13 (K=5) with YNNPACK, 0.97-1.00 and 1.04 with this, and both steps faster (MAML
   K=1 0.82-0.85 → 0.71-0.72 s, MetaMiDA 0.90-0.93 → 0.70 s). Not everywhere: with Conv4-64
   on the same images the two were within noise of each other (one pair slower, one
-  faster), and the Omniglot-shaped steps (28x28x1) took 1.1-1.6x longer with it. So it is
-  off by default; measure your model with it (README, Performance).
+  faster), and the Omniglot-shaped steps (28x28x1) took 1.1-1.6x longer with it on
+  2026-12-03, but 0.83-0.92x the time on 2026-12-08 (two pairs, another machine). So it
+  is off by default until that is settled; measure your model with it (README,
+  Performance).
 
   A process-wide XLA flag because its ``-`` form removes convolutions from the YNNPACK
   fusion types this XLA version enables, while ``jax.jit(..., compiler_options=...)``
